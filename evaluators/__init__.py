@@ -1,0 +1,1 @@
+"""Evaluation through llama.cpp: perplexity, KLD against a reference, and `windq bench`."""

@@ -1,0 +1,120 @@
+"""The one registry of quant types windq plans with.
+
+Sizes come from gguf-py's GGML_QUANT_SIZES and are checked against libggml at first use, so a
+version skew between gguf and llama-cpp-python fails loudly instead of mis-counting bits.
+Nothing here copies a size by hand.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import gguf
+
+from windq.errors import IllegalTypeError, WindqError
+from windq.export import ggml
+
+# Types a weight can be stored in. Left out on purpose: Q8_1 and Q8_K (dot-product intermediates,
+# not storage formats), TQ1_0/TQ2_0 (ternary models only), MXFP4/NVFP4/Q1_0 (no CPU quantizer
+# path in every llama.cpp build), and the integer types.
+OFFERED = (
+    "F32", "F16", "BF16",
+    "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_XS", "IQ4_NL",
+    "Q3_K", "IQ3_S", "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
+)  # fmt: skip
+
+# llama.cpp refuses these without an imatrix for any tensor but token_embd/output
+# (tensor_requires_imatrix in src/llama-quant.cpp), a wider set than ggml_quantize_requires_imatrix.
+_LLAMA_NEEDS_IMATRIX = frozenset({"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S"})
+
+
+@dataclass(frozen=True)
+class QuantType:
+    name: str
+    ggml_type: gguf.GGMLQuantizationType
+    block_size: int  # weights per block, along a row
+    type_size: int  # bytes per block
+    requires_imatrix: bool  # llama.cpp will not write it without importance data
+
+    @property
+    def id(self) -> int:
+        return int(self.ggml_type)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.type_size * 8 / self.block_size
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.block_size > 1
+
+    def fits_row(self, n_per_row: int) -> bool:
+        """ggml blocks run along a row; a row must hold a whole number of blocks."""
+        return n_per_row % self.block_size == 0
+
+    def check_row(self, n_per_row: int, tensor: str) -> None:
+        if not self.fits_row(n_per_row):
+            raise IllegalTypeError(
+                f"{tensor}: {self.name} needs rows that are a multiple of {self.block_size} weights, "
+                f"this tensor's rows have {n_per_row} (pick another type, or align the model with `windq align`)"
+            )
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Exact bytes of a tensor of this type; shape is ggml order (row length first)."""
+        n_per_row, nrows = shape[0], 1
+        for d in shape[1:]:
+            nrows *= d
+        return (n_per_row // self.block_size) * self.type_size * nrows
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@functools.cache
+def registry() -> dict[str, QuantType]:
+    types = {}
+    for name in OFFERED:
+        gtype = gguf.GGMLQuantizationType[name]
+        block, size = gguf.GGML_QUANT_SIZES[gtype]
+        if (ggml.block_size(gtype), ggml.type_size(gtype)) != (block, size):
+            raise WindqError(
+                f"gguf and libggml disagree on {name} (gguf: {block}/{size}, ggml: "
+                f"{ggml.block_size(gtype)}/{ggml.type_size(gtype)}); reinstall matching versions"
+            )
+        needs = ggml.requires_imatrix(gtype) or name in _LLAMA_NEEDS_IMATRIX
+        types[name] = QuantType(name, gtype, block, size, needs)
+    return types
+
+
+def get(name: str) -> QuantType:
+    try:
+        return registry()[name.upper()]
+    except KeyError:
+        raise WindqError(f"unknown quant type {name!r}; windq offers: {', '.join(OFFERED)}") from None
+
+
+def by_id(type_id: int) -> QuantType:
+    for qt in registry().values():
+        if qt.id == type_id:
+            return qt
+    raise WindqError(f"ggml type {type_id} is not one windq plans with")
+
+
+def nbytes_any(type_id: int, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of any ggml type (also those windq does not offer, e.g. a source's I32)."""
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
+    n = 1
+    for d in shape:
+        n *= d
+    return n // block * size
+
+
+def legal_types(n_per_row: int, *, have_imatrix: bool, allowed: tuple[str, ...] | None = None) -> list[QuantType]:
+    """Types that can be written for a row length, cheapest first."""
+    out = [
+        qt
+        for qt in registry().values()
+        if (allowed is None or qt.name in allowed) and qt.fits_row(n_per_row) and (have_imatrix or not qt.requires_imatrix)
+    ]
+    return sorted(out, key=lambda qt: (qt.bits_per_weight, qt.name))

@@ -1,0 +1,128 @@
+"""A read-only view of a GGUF model: its tensors, their ggml types and shapes, and its identity."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from windq.errors import InputError
+from windq.export import ggml
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order: row length first
+    type_id: int
+    nbytes: int
+
+    @property
+    def n_per_row(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def type_name(self) -> str:
+        return gguf.GGMLQuantizationType(self.type_id).name
+
+
+def is_quantizable(t: TensorInfo) -> bool:
+    """The tensors llama.cpp's quantizer may change (tensor_allows_quantization in llama-quant.cpp).
+
+    Only these appear in a plan; the rest (norms, 1-D tensors) are copied as they are and counted
+    in the bits as they are.
+    """
+    if len(t.shape) < 2 or not t.name.endswith("weight"):
+        return False
+    return "_norm.weight" not in t.name and "ffn_gate_inp.weight" not in t.name
+
+
+class GGUFModel:
+    """Opens a GGUF once; tensors are memory-mapped by gguf-py."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: no such file")
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise InputError(f"{self.path}: not a GGUF file (it does not start with the GGUF magic)")
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # gguf-py raises bare ValueError/struct errors on damaged files
+            raise InputError(f"{self.path}: unreadable GGUF ({e})") from e
+        self._tensors = {
+            t.name: TensorInfo(t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), int(t.n_bytes))
+            for t in self.reader.tensors
+        }
+
+    # metadata -------------------------------------------------------------
+    def field(self, key: str, default=None):
+        f = self.reader.get_field(key)
+        return default if f is None else f.contents()
+
+    @property
+    def architecture(self) -> str:
+        return self.field(gguf.Keys.General.ARCHITECTURE, "unknown")
+
+    def arch_field(self, key_template: str, default=None):
+        return self.field(key_template.format(arch=self.architecture), default)
+
+    # tensors --------------------------------------------------------------
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self._tensors
+
+    def quantizable(self) -> list[TensorInfo]:
+        return [t for t in self._tensors.values() if is_quantizable(t)]
+
+    @property
+    def n_weights(self) -> int:
+        """Every element of every tensor: the denominator of bits per weight."""
+        return sum(t.n_elements for t in self._tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self._tensors.values())
+
+    def raw(self, name: str) -> np.ndarray:
+        for t in self.reader.tensors:
+            if t.name == name:
+                return np.asarray(t.data)
+        raise InputError(f"{self.path}: no tensor {name}")
+
+    def dequantized(self, name: str) -> np.ndarray:
+        """A tensor as float32, shape (rows, n_per_row), decoded by libggml."""
+        info = self._tensors[name]
+        rows = info.n_elements // info.n_per_row
+        return ggml.dequantize(info.type_id, self.raw(name), (rows, info.n_per_row))
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def open_model(path: str | Path) -> GGUFModel:
+    return GGUFModel(path)
+
+

@@ -1,0 +1,1 @@
+"""The planning pipeline: calibrate (imatrix) → sensitivity tables → allocate → plan.json."""

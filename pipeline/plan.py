@@ -1,0 +1,190 @@
+"""A plan is data: which ggml type every quantizable tensor gets, the budget, what it achieves,
+and where it came from. Plain versioned JSON, validated against the model it is applied to.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from windq import __version__
+from windq.errors import IllegalTypeError, InputError, PlanError
+from windq.files import atomic_write_text
+from windq.export import registry
+from windq.models.gguf_model import GGUFModel, is_quantizable
+
+SCHEMA_VERSION = 1
+_TOP_KEYS = {"schema_version", "model", "method", "granularity", "budget_bpw", "achieved_bpw", "total_bytes", "tensors", "provenance"}
+_MODEL_KEYS = {"name", "sha256", "n_weights", "architecture"}
+
+# llama.cpp never asks for an imatrix on these (tensor_requires_imatrix in llama-quant.cpp).
+_IMATRIX_EXEMPT = ("token_embd.weight", "output.weight")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    sha256: str | None
+    n_weights: int
+    architecture: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelRef
+    tensors: Mapping[str, str]  # tensor name → ggml type name
+    method: str = "manual"
+    granularity: str = "tensor"
+    budget_bpw: float | None = None
+    achieved_bpw: float | None = None
+    total_bytes: int | None = None
+    provenance: Mapping[str, object] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["tensors"] = dict(self.tensors)
+        d["provenance"] = dict(self.provenance)
+        # schema_version first, so a reader sees which schema before anything else
+        return json.dumps({"schema_version": d.pop("schema_version"), **d}, indent=1) + "\n"
+
+    def type_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.tensors.values():
+            counts[t] = counts.get(t, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def model_ref(model: GGUFModel) -> ModelRef:
+    return ModelRef(
+        name=model.field("general.name", model.path.stem),
+        sha256=model.sha256,
+        n_weights=model.n_weights,
+        architecture=model.architecture,
+    )
+
+
+def file_bytes(model: GGUFModel, tensors: Mapping[str, str]) -> int:
+    """Exact tensor-data bytes of the GGUF that `tensors` produces: planned tensors at their
+    type's size, every other tensor (norms, anything llama.cpp copies) as it is in the source."""
+    total = 0
+    for name, info in model.tensors.items():
+        if name in tensors:
+            total += registry.get(tensors[name]).nbytes(info.shape)
+        else:
+            total += info.nbytes
+    return total
+
+
+def bits_per_weight(model: GGUFModel, tensors: Mapping[str, str]) -> float:
+    return file_bytes(model, tensors) * 8 / model.n_weights
+
+
+def needs_imatrix(tensor: str, type_name: str) -> bool:
+    return registry.get(type_name).requires_imatrix and tensor not in _IMATRIX_EXEMPT
+
+
+def make_plan(
+    model: GGUFModel,
+    tensors: Mapping[str, str],
+    *,
+    method: str,
+    budget_bpw: float | None = None,
+    granularity: str = "tensor",
+    provenance: Mapping[str, object] | None = None,
+) -> Plan:
+    nbytes = file_bytes(model, tensors)
+    prov = {"windq": __version__, "llama_cpp_python": _llama_cpp_version()}
+    prov.update(provenance or {})
+    return Plan(
+        model=model_ref(model),
+        tensors=dict(tensors),
+        method=method,
+        granularity=granularity,
+        budget_bpw=budget_bpw,
+        achieved_bpw=nbytes * 8 / model.n_weights,
+        total_bytes=nbytes,
+        provenance=prov,
+    )
+
+
+def uniform_plan(model: GGUFModel, type_name: str) -> Plan:
+    """One type on every quantizable tensor; refuses (never falls back) where it cannot be written."""
+    qt = registry.get(type_name)
+    bad = [t.name for t in model.quantizable() if not qt.fits_row(t.n_per_row)]
+    if bad:
+        raise IllegalTypeError(
+            f"{qt.name} does not fit {len(bad)} tensors (first: {bad[0]}, rows of {model.tensors[bad[0]].n_per_row}); "
+            f"a uniform plan needs a type whose block ({qt.block_size}) divides every row, or an aligned model"
+        )
+    return make_plan(model, {t.name: qt.name for t in model.quantizable()}, method=f"uniform:{qt.name}")
+
+
+def validate(plan: Plan, model: GGUFModel, *, have_imatrix: bool) -> None:
+    """Refuse a plan that llama.cpp would not write exactly as planned."""
+    quantizable = {t.name: t for t in model.quantizable()}
+    for name, type_name in plan.tensors.items():
+        if name not in model.tensors:
+            raise PlanError(f"plan names tensor {name}, which {model.path.name} does not have")
+        if name not in quantizable:
+            raise PlanError(f"plan names tensor {name}, which llama.cpp never quantizes (norms and 1-D tensors are kept)")
+        qt = registry.get(type_name)
+        qt.check_row(quantizable[name].n_per_row, name)
+        if needs_imatrix(name, qt.name) and not have_imatrix:
+            raise IllegalTypeError(f"{name}: llama.cpp writes {qt.name} only with an imatrix; pass --imatrix FILE")
+    missing = [n for n in quantizable if n not in plan.tensors]
+    if missing:
+        raise PlanError(f"plan has no type for tensor {missing[0]} ({len(missing)} tensors missing)")
+    if plan.model.sha256 and plan.model.sha256 != model.sha256:
+        raise PlanError(f"plan was made for another model ({plan.model.name}, sha256 {plan.model.sha256[:12]}…), not {model.path.name}")
+
+
+def save_plan(plan: Plan, path: str | Path) -> Path:
+    return atomic_write_text(Path(path), plan.to_json())
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such plan file")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a JSON plan ({e})") from e
+    if not isinstance(d, dict) or "schema_version" not in d:
+        raise PlanError(f"{path}: not a windq plan (no schema_version)")
+    if d["schema_version"] != SCHEMA_VERSION:
+        raise PlanError(f"{path}: plan schema {d['schema_version']} is not supported (this windq reads {SCHEMA_VERSION})")
+    extra = set(d) - _TOP_KEYS
+    if extra:
+        raise PlanError(f"{path}: unknown plan field(s) {', '.join(sorted(extra))}")
+    model = d.get("model") or {}
+    if set(model) != _MODEL_KEYS:
+        raise PlanError(f"{path}: plan 'model' must have exactly the fields {', '.join(sorted(_MODEL_KEYS))}")
+    tensors = d.get("tensors")
+    if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
+        raise PlanError(f"{path}: plan 'tensors' must map tensor names to ggml type names")
+    for name, type_name in tensors.items():
+        registry.get(type_name)  # unknown type names fail here, naming the type
+    return Plan(
+        model=ModelRef(**model),
+        tensors=tensors,
+        method=d.get("method", "manual"),
+        granularity=d.get("granularity", "tensor"),
+        budget_bpw=d.get("budget_bpw"),
+        achieved_bpw=d.get("achieved_bpw"),
+        total_bytes=d.get("total_bytes"),
+        provenance=d.get("provenance") or {},
+        schema_version=d["schema_version"],
+    )
+
+
+def _llama_cpp_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("llama-cpp-python")
+    except Exception:
+        return "unknown"

@@ -1,0 +1,78 @@
+"""Bad input: one line on stderr, exit code 2, no output file."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from windq.models.gguf_model import GGUFModel
+from windq.pipeline.plan import make_plan, save_plan, uniform_plan
+
+
+def windq(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "windq", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_one_line_error(r, *fragments):
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_missing_model_file(tmp_path, synthetic_gguf):
+    plan = save_plan(uniform_plan(GGUFModel(synthetic_gguf), "Q8_0"), tmp_path / "plan.json")
+    r = windq("export", tmp_path / "nope.gguf", "--plan", plan, "--gguf", tmp_path / "out.gguf")
+    assert_one_line_error(r, "nope.gguf", "no such file")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_text_file_that_is_not_gguf(tmp_path, synthetic_gguf):
+    fake = tmp_path / "model.gguf"
+    fake.write_text("just some text\n")
+    plan = save_plan(uniform_plan(GGUFModel(synthetic_gguf), "Q8_0"), tmp_path / "plan.json")
+    r = windq("export", fake, "--plan", plan, "--gguf", tmp_path / "out.gguf")
+    assert_one_line_error(r, "not a GGUF file")
+    assert not (tmp_path / "out.gguf").exists()
+    assert_one_line_error(windq("eval", fake), "not a GGUF file")
+
+
+def test_plan_naming_a_tensor_the_model_lacks(tmp_path, synthetic_gguf):
+    m = GGUFModel(synthetic_gguf)
+    plan = uniform_plan(m, "Q8_0")
+    bad = make_plan(m, {**plan.tensors, "blk.9.attn_q.weight": "Q8_0"}, method="manual")
+    path = save_plan(bad, tmp_path / "plan.json")
+    r = windq("export", synthetic_gguf, "--plan", path, "--gguf", tmp_path / "out.gguf")
+    assert_one_line_error(r, "blk.9.attn_q.weight")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_q4_k_on_a_576_wide_tensor(tmp_path, default_gguf):
+    m = GGUFModel(default_gguf)
+    tensors = uniform_plan(m, "Q8_0").tensors
+    path = save_plan(make_plan(m, {**tensors, "blk.0.attn_q.weight": "Q4_K"}, method="manual"), tmp_path / "plan.json")
+    r = windq("export", "default", "--plan", path, "--gguf", tmp_path / "out.gguf")
+    assert_one_line_error(r, "blk.0.attn_q.weight", "Q4_K", "576")
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_export_and_eval_through_the_cli(tmp_path, synthetic_gguf, sample_text):
+    plan = save_plan(uniform_plan(GGUFModel(synthetic_gguf), "Q4_0"), tmp_path / "plan.json")
+    out = tmp_path / "out.gguf"
+    r = windq("export", synthetic_gguf, "--plan", plan, "--gguf", out, "--recipe", tmp_path / "r.txt")
+    assert r.returncode == 0, r.stderr
+    assert GGUFModel(out).tensors["blk.0.attn_q.weight"].type_name == "Q4_0"
+    text = tmp_path / "text.txt"
+    text.write_text(sample_text)
+    r = windq("eval", out, "--ref", synthetic_gguf, "--text", text, "--ctx", "64", "--chunks", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["n_scored"] == 2 * 31 and res["kld"] > 0 and 0 <= res["top1"] <= 1
+
+
+@pytest.mark.parametrize("cmd", ["export", "eval", "demo"])
+def test_help_teaches(cmd):
+    r = windq(cmd, "--help")
+    assert r.returncode == 0 and "Usage:" in r.stdout

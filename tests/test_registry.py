@@ -1,0 +1,59 @@
+import gguf
+import numpy as np
+import pytest
+
+from windq.errors import IllegalTypeError, WindqError
+from windq.export import ggml, registry
+
+
+def test_sizes_come_from_gguf_and_agree_with_libggml():
+    for qt in registry.registry().values():
+        block, size = gguf.GGML_QUANT_SIZES[qt.ggml_type]
+        assert (qt.block_size, qt.type_size) == (block, size)
+        # a row of 4 blocks: the registry's byte count is ggml_row_size's
+        assert qt.nbytes((4 * block, 3)) == 3 * ggml.row_size(qt.id, 4 * block)
+        assert qt.bits_per_weight == pytest.approx(size * 8 / block)
+
+
+def test_known_bits_per_weight():
+    assert registry.get("Q8_0").bits_per_weight == 8.5
+    assert registry.get("Q4_0").bits_per_weight == 4.5
+    assert registry.get("Q4_K").bits_per_weight == 4.5
+    assert registry.get("Q2_K").bits_per_weight == 2.625
+    assert registry.get("IQ2_XXS").bits_per_weight == 2.0625
+
+
+def test_row_legality_on_a_576_wide_model():
+    legal = {qt.name for qt in registry.legal_types(576, have_imatrix=True)}
+    assert {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "F16", "F32"} <= legal
+    assert not legal & {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ4_XS"}
+    with pytest.raises(IllegalTypeError, match="multiple of 256"):
+        registry.get("Q4_K").check_row(576, "blk.0.attn_q.weight")
+
+
+def test_imatrix_requirement_follows_llama_cpp():
+    without = {qt.name for qt in registry.legal_types(256, have_imatrix=False)}
+    assert "IQ2_XXS" not in without and "IQ3_XXS" not in without and "IQ1_S" not in without
+    assert "Q2_K" in without and "IQ4_XS" in without
+    # ggml's own list is a subset of what windq marks
+    for qt in registry.registry().values():
+        if ggml.requires_imatrix(qt.id):
+            assert qt.requires_imatrix
+
+
+def test_legal_types_sorted_cheapest_first():
+    bpw = [qt.bits_per_weight for qt in registry.legal_types(256, have_imatrix=True)]
+    assert bpw == sorted(bpw)
+
+
+def test_unknown_type_is_a_clear_error():
+    with pytest.raises(WindqError, match="unknown quant type 'Q3_Z'"):
+        registry.get("Q3_Z")
+
+
+def test_ggml_round_trip_is_exact_for_f32_and_close_for_q8_0():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 256)).astype(np.float32)
+    assert np.array_equal(ggml.round_trip(registry.get("F32").id, w), w)
+    q8 = ggml.round_trip(registry.get("Q8_0").id, w)
+    assert np.abs(q8 - w).max() < np.abs(w).max() / 100

@@ -1,0 +1,3 @@
+from windq.cli import main
+
+main()

@@ -1,0 +1,161 @@
+"""The `windq` command line. Library code raises WindqError; this layer turns it into one line on
+stderr and exit code 2, and owns progress bars and output formats."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from windq.errors import WindqError
+
+EPILOG_MODEL = "MODEL is a GGUF file, `default` (SmolLM2-135M-Instruct, embedded), or a hub repo id when online."
+TEXT_HELP = "`wiki` (embedded Wikipedia leads; the held-out split for eval), a UTF-8 text file, or hf:DATASET[:CONFIG] when online."
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except WindqError as e:
+            click.echo(f"windq: error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's own log lines.")
+@click.version_option(package_name="windq")
+def main(verbose: bool) -> None:
+    """windq: fit a language model into a fixed number of bits.
+
+    \b
+    Typical flow:
+      windq calibrate default --out runs/stats          # imatrix + sensitivity inputs
+      windq plan default --stats runs/stats --bpw 5.0 --out plan.json
+      windq export default --plan plan.json --gguf out.gguf --imatrix runs/stats/imatrix.gguf
+      windq eval out.gguf --ref default
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("windq.llama").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+
+
+def _progress(desc: str):
+    """A tqdm bar fed by the library's (done, total) callbacks."""
+    from tqdm import tqdm
+
+    bar = {"b": None}
+
+    def update(done: int, total: int) -> None:
+        if bar["b"] is None:
+            bar["b"] = tqdm(total=total, desc=desc, unit="chunk", leave=False, disable=None)
+        bar["b"].n = done
+        bar["b"].refresh()
+        if done >= total:
+            bar["b"].close()
+
+    return update
+
+
+def _model_path(spec: str) -> Path:
+    from windq.models.sources import resolve_model
+
+    return resolve_model(spec)
+
+
+@main.command("export")
+@click.argument("model")
+@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="plan.json from `windq plan`.")
+@click.option("--gguf", "out", required=True, type=click.Path(dir_okay=False), help="GGUF file to write (atomically).")
+@click.option("--imatrix", type=click.Path(dir_okay=False), help="imatrix GGUF (windq calibrate or llama-imatrix).")
+@click.option("--recipe", type=click.Path(dir_okay=False), help="Also write the plan as a --tensor-type-file for llama-quantize.")
+@click.option("--threads", type=int, default=0, show_default=True, help="Quantizer threads; 0 = all cores.")
+def export_cmd(model: str, plan_path: str, out: str, imatrix: str | None, recipe: str | None, threads: int) -> None:
+    """Write MODEL quantized as the plan says, through llama.cpp's own quantizer.
+
+    The plan is checked against the model first (every tensor named, every type legal for its
+    row length); after writing, every tensor's type is read back and compared with the plan.
+    """
+    from windq.export.quantize import export_gguf, write_recipe
+    from windq.models.gguf_model import GGUFModel
+    from windq.pipeline.imatrix import load_imatrix
+    from windq.pipeline.plan import load_plan
+
+    src = GGUFModel(_model_path(model))
+    plan = load_plan(plan_path)
+    im = load_imatrix(imatrix, src).data if imatrix else None
+    report = export_gguf(src, plan, out, imatrix=im, nthread=threads)
+    if recipe:
+        write_recipe(plan, recipe)
+    click.echo(
+        f"wrote {report.path}: {report.file_bytes / 1e6:.2f} MB, {report.bits_per_weight:.3f} bits per weight "
+        f"({', '.join(f'{n}×{t}' for t, n in plan.type_counts().items())})"
+    )
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--ref", help="Reference GGUF for KLD and top-1 agreement (`default` for the embedded model).")
+@click.option("--text", default="wiki", show_default=True, help=TEXT_HELP)
+@click.option("--ctx", default=512, show_default=True, help="Tokens per chunk; the second half of each is scored.")
+@click.option("--chunks", type=int, default=64, show_default=True, help="Chunks to evaluate at most (0 = all).")
+@click.option("--threads", type=int, default=None, help="llama.cpp threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_cmd(model: str, ref: str | None, text: str, ctx: int, chunks: int, threads: int | None, as_json: bool) -> None:
+    """Perplexity of MODEL (and KLD against --ref) computed by llama.cpp as llama-perplexity does."""
+    from windq.evaluators.perplexity import evaluate
+    from windq.models.sources import resolve_text
+
+    t = resolve_text(text, "evaluation")
+    r = evaluate(
+        _model_path(model), t.content, text_name=t.name, ctx=ctx, max_chunks=chunks or None,
+        ref_path=_model_path(ref) if ref else None, threads=threads, progress=_progress("eval"),
+    )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=1))
+        return
+    line = f"PPL {r.ppl:.4f} ± {r.ppl_stderr:.4f} over {r.n_scored} tokens ({r.n_chunks} chunks of {r.ctx}, {r.text})"
+    if r.kld is not None:
+        line += f"\nKLD {r.kld:.5f} (median {r.kld_median:.5f}), top-1 agreement {100 * r.top1:.2f} % vs {Path(r.ref).name}"
+    click.echo(line)
+
+
+@main.command("demo")
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Folder for the outputs.")
+@click.option("--type", "type_name", default="Q8_0", show_default=True, help="The uniform type to plan.")
+@click.option("--chunks", default=16, show_default=True, help="512-token chunks of held-out text to evaluate.")
+def demo_cmd(out: str, type_name: str, chunks: int) -> None:
+    """The main job on the embedded default: uniform plan → GGUF by llama.cpp → PPL and KLD."""
+    from windq.evaluators.perplexity import evaluate
+    from windq.export.quantize import export_gguf
+    from windq.models.gguf_model import GGUFModel
+    from windq.models.sources import default_model_path, wiki_text
+    from windq.pipeline.plan import save_plan, uniform_plan
+
+    outdir = Path(out)
+    src = GGUFModel(default_model_path())
+    plan = uniform_plan(src, type_name)
+    save_plan(plan, outdir / "plan.json")
+    click.echo(f"plan: {type_name} on all {len(plan.tensors)} quantizable tensors → {outdir / 'plan.json'}")
+    report = export_gguf(src, plan, outdir / f"model-{type_name}.gguf")
+    click.echo(f"export: {report.path}")
+    text = wiki_text("evaluation")
+    rows = []
+    for label, path, ref in (("source (Q4_1, reference)", src.path, None), (f"windq uniform {type_name}", report.path, src.path)):
+        r = evaluate(path, text.content, text_name=text.name, max_chunks=chunks, ref_path=ref, progress=_progress(label))
+        m = GGUFModel(path)
+        rows.append((label, os.path.getsize(path) / 1e6, m.nbytes * 8 / m.n_weights, r))
+    click.echo(f"\nheld-out {text.name}, {rows[0][3].n_scored} scored tokens, ctx 512\n")
+    click.echo("| model | size (MB) | bits/weight | PPL | KLD vs source | top-1 |")
+    click.echo("|---|---:|---:|---:|---:|---:|")
+    for label, mb, bpw, r in rows:
+        kld = "—" if r.kld is None else f"{r.kld:.5f}"
+        top1 = "—" if r.top1 is None else f"{100 * r.top1:.2f} %"
+        click.echo(f"| {label} | {mb:.2f} | {bpw:.3f} | {r.ppl:.4f} | {kld} | {top1} |")
+
+
+if __name__ == "__main__":
+    main()
