@@ -107,6 +107,9 @@ def quantize(type_id: int, weights: np.ndarray, imatrix: np.ndarray | None = Non
     nrows, n_per_row = w.shape
     out = np.empty(nrows * row_size(type_id, n_per_row), dtype=np.uint8)
     im = None if imatrix is None else _f32(imatrix)
+    if im is None and requires_imatrix(type_id):
+        # ggml asserts (aborting the whole process) rather than returning an error
+        raise ValueError(f"{type_name(type_id)} cannot be quantized without importance data")
     if im is not None and im.shape != (n_per_row,):
         raise ValueError(f"imatrix has shape {im.shape}, expected ({n_per_row},)")
     written = lib().ggml_quantize_chunk(

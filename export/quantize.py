@@ -50,7 +50,7 @@ def export_gguf(
     imatrix: Mapping[str, np.ndarray] | None = None,
     nthread: int = 0,
 ) -> ExportReport:
-    validate(plan, model, have_imatrix=imatrix is not None)
+    validate(plan, model, imatrix_tensors=set(imatrix or ()))
     out = Path(out)
     ftype = base_ftype(model, plan.tensors)
     overrides = {name: registry.get(t).id for name, t in plan.tensors.items()}

@@ -27,6 +27,7 @@ OFFERED = (
 # llama.cpp refuses these without an imatrix for any tensor but token_embd/output
 # (tensor_requires_imatrix in src/llama-quant.cpp), a wider set than ggml_quantize_requires_imatrix.
 _LLAMA_NEEDS_IMATRIX = frozenset({"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S"})
+_LLAMA_IMATRIX_EXEMPT = ("token_embd.weight", "output.weight")
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class QuantType:
     ggml_type: gguf.GGMLQuantizationType
     block_size: int  # weights per block, along a row
     type_size: int  # bytes per block
-    requires_imatrix: bool  # llama.cpp will not write it without importance data
+    ggml_requires_imatrix: bool  # ggml aborts the process when asked to write it without one
+    llama_requires_imatrix: bool  # llama.cpp refuses it without one, except on token_embd/output
 
     @property
     def id(self) -> int:
@@ -48,6 +50,26 @@ class QuantType:
     @property
     def is_quantized(self) -> bool:
         return self.block_size > 1
+
+    @property
+    def requires_imatrix(self) -> bool:
+        """Needs importance data on (almost) every tensor: not a type to plan without an imatrix."""
+        return self.ggml_requires_imatrix or self.llama_requires_imatrix
+
+    def needs_imatrix(self, tensor: str) -> bool:
+        """Whether writing `tensor` as this type needs importance data for that tensor."""
+        return self.ggml_requires_imatrix or (self.llama_requires_imatrix and tensor not in _LLAMA_IMATRIX_EXEMPT)
+
+    def is_legal(self, tensor: str, n_per_row: int, *, has_imatrix: bool) -> bool:
+        return self.fits_row(n_per_row) and (has_imatrix or not self.needs_imatrix(tensor))
+
+    def check(self, tensor: str, n_per_row: int, *, has_imatrix: bool) -> None:
+        self.check_row(n_per_row, tensor)
+        if self.needs_imatrix(tensor) and not has_imatrix:
+            raise IllegalTypeError(
+                f"{tensor}: {self.name} can only be written with importance data for this tensor; "
+                f"pass --imatrix FILE holding {tensor}"
+            )
 
     def fits_row(self, n_per_row: int) -> bool:
         """ggml blocks run along a row; a row must hold a whole number of blocks."""
@@ -82,8 +104,7 @@ def registry() -> dict[str, QuantType]:
                 f"gguf and libggml disagree on {name} (gguf: {block}/{size}, ggml: "
                 f"{ggml.block_size(gtype)}/{ggml.type_size(gtype)}); reinstall matching versions"
             )
-        needs = ggml.requires_imatrix(gtype) or name in _LLAMA_NEEDS_IMATRIX
-        types[name] = QuantType(name, gtype, block, size, needs)
+        types[name] = QuantType(name, gtype, block, size, ggml.requires_imatrix(gtype), name in _LLAMA_NEEDS_IMATRIX)
     return types
 
 
@@ -110,11 +131,13 @@ def nbytes_any(type_id: int, shape: tuple[int, ...]) -> int:
     return n // block * size
 
 
-def legal_types(n_per_row: int, *, have_imatrix: bool, allowed: tuple[str, ...] | None = None) -> list[QuantType]:
-    """Types that can be written for a row length, cheapest first."""
+def legal_types(
+    tensor: str, n_per_row: int, *, has_imatrix: bool, allowed: tuple[str, ...] | None = None
+) -> list[QuantType]:
+    """Types that can be written for a tensor, cheapest first. `has_imatrix`: importance data for this tensor."""
     out = [
         qt
         for qt in registry().values()
-        if (allowed is None or qt.name in allowed) and qt.fits_row(n_per_row) and (have_imatrix or not qt.requires_imatrix)
+        if (allowed is None or qt.name in allowed) and qt.is_legal(tensor, n_per_row, has_imatrix=has_imatrix)
     ]
     return sorted(out, key=lambda qt: (qt.bits_per_weight, qt.name))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Collection, Mapping
 
 from windq import __version__
 from windq.errors import IllegalTypeError, InputError, PlanError
@@ -18,9 +18,6 @@ from windq.models.gguf_model import GGUFModel, is_quantizable
 SCHEMA_VERSION = 1
 _TOP_KEYS = {"schema_version", "model", "method", "granularity", "budget_bpw", "achieved_bpw", "total_bytes", "tensors", "provenance"}
 _MODEL_KEYS = {"name", "sha256", "n_weights", "architecture"}
-
-# llama.cpp never asks for an imatrix on these (tensor_requires_imatrix in llama-quant.cpp).
-_IMATRIX_EXEMPT = ("token_embd.weight", "output.weight")
 
 
 @dataclass(frozen=True)
@@ -82,10 +79,6 @@ def bits_per_weight(model: GGUFModel, tensors: Mapping[str, str]) -> float:
     return file_bytes(model, tensors) * 8 / model.n_weights
 
 
-def needs_imatrix(tensor: str, type_name: str) -> bool:
-    return registry.get(type_name).requires_imatrix and tensor not in _IMATRIX_EXEMPT
-
-
 def make_plan(
     model: GGUFModel,
     tensors: Mapping[str, str],
@@ -122,18 +115,18 @@ def uniform_plan(model: GGUFModel, type_name: str) -> Plan:
     return make_plan(model, {t.name: qt.name for t in model.quantizable()}, method=f"uniform:{qt.name}")
 
 
-def validate(plan: Plan, model: GGUFModel, *, have_imatrix: bool) -> None:
-    """Refuse a plan that llama.cpp would not write exactly as planned."""
+def validate(plan: Plan, model: GGUFModel, *, imatrix_tensors: Collection[str] = ()) -> None:
+    """Refuse a plan that llama.cpp would not write exactly as planned.
+
+    `imatrix_tensors`: the tensors that have importance data (legality of IQ types depends on it).
+    """
     quantizable = {t.name: t for t in model.quantizable()}
     for name, type_name in plan.tensors.items():
         if name not in model.tensors:
             raise PlanError(f"plan names tensor {name}, which {model.path.name} does not have")
         if name not in quantizable:
             raise PlanError(f"plan names tensor {name}, which llama.cpp never quantizes (norms and 1-D tensors are kept)")
-        qt = registry.get(type_name)
-        qt.check_row(quantizable[name].n_per_row, name)
-        if needs_imatrix(name, qt.name) and not have_imatrix:
-            raise IllegalTypeError(f"{name}: llama.cpp writes {qt.name} only with an imatrix; pass --imatrix FILE")
+        registry.get(type_name).check(name, quantizable[name].n_per_row, has_imatrix=name in imatrix_tensors)
     missing = [n for n in quantizable if n not in plan.tensors]
     if missing:
         raise PlanError(f"plan has no type for tensor {missing[0]} ({len(missing)} tensors missing)")

@@ -29,25 +29,32 @@ def test_achieved_bits_count_every_byte(synthetic_gguf):
 def test_validate_refuses_unknown_missing_and_illegal(synthetic_gguf):
     m = GGUFModel(synthetic_gguf)
     good = uniform_plan(m, "Q4_K")
-    validate(good, m, have_imatrix=False)
+    validate(good, m)
 
     extra = make_plan(m, {**good.tensors, "blk.7.attn_q.weight": "Q8_0"}, method="manual")
     with pytest.raises(PlanError, match="blk.7.attn_q.weight"):
-        validate(extra, m, have_imatrix=False)
+        validate(extra, m)
 
     missing = dict(good.tensors)
     missing.pop("blk.1.ffn_up.weight")
     with pytest.raises(PlanError, match="blk.1.ffn_up.weight"):
-        validate(make_plan(m, missing, method="manual"), m, have_imatrix=False)
+        validate(make_plan(m, missing, method="manual"), m)
 
     norm = make_plan(m, {**good.tensors, "blk.0.attn_norm.weight": "Q8_0"}, method="manual")
     with pytest.raises(PlanError, match="never quantizes"):
-        validate(norm, m, have_imatrix=False)
+        validate(norm, m)
 
     iq = make_plan(m, {**good.tensors, "blk.0.attn_q.weight": "IQ2_XXS"}, method="manual")
     with pytest.raises(IllegalTypeError, match="imatrix"):
-        validate(iq, m, have_imatrix=False)
-    validate(iq, m, have_imatrix=True)
+        validate(iq, m)
+    validate(iq, m, imatrix_tensors={"blk.0.attn_q.weight"})
+
+    # ggml itself aborts on IQ2_XXS without data, so even token_embd (which llama.cpp exempts) needs it
+    emb = make_plan(m, {**good.tensors, "token_embd.weight": "IQ2_XXS"}, method="manual")
+    with pytest.raises(IllegalTypeError, match="token_embd.weight"):
+        validate(emb, m, imatrix_tensors={"blk.0.attn_q.weight"})
+    # IQ3_XXS: llama.cpp's own exemption for token_embd holds and ggml does not need data
+    validate(make_plan(m, {**good.tensors, "token_embd.weight": "IQ3_XXS"}, method="manual"), m)
 
 
 def test_load_rejects_typos_and_unknown_types(tmp_path, synthetic_gguf):
@@ -75,4 +82,4 @@ def test_plan_for_another_model_is_refused(synthetic_gguf, tmp_path):
     other = GGUFModel(write_synthetic_gguf(tmp_path / "other.gguf", SyntheticConfig(seed=1)))
     plan = uniform_plan(GGUFModel(synthetic_gguf), "Q8_0")
     with pytest.raises(PlanError, match="another model"):
-        validate(plan, other, have_imatrix=False)
+        validate(plan, other)

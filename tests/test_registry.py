@@ -24,7 +24,7 @@ def test_known_bits_per_weight():
 
 
 def test_row_legality_on_a_576_wide_model():
-    legal = {qt.name for qt in registry.legal_types(576, have_imatrix=True)}
+    legal = {qt.name for qt in registry.legal_types("blk.0.attn_q.weight", 576, has_imatrix=True)}
     assert {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "F16", "F32"} <= legal
     assert not legal & {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ4_XS"}
     with pytest.raises(IllegalTypeError, match="multiple of 256"):
@@ -32,17 +32,18 @@ def test_row_legality_on_a_576_wide_model():
 
 
 def test_imatrix_requirement_follows_llama_cpp():
-    without = {qt.name for qt in registry.legal_types(256, have_imatrix=False)}
+    without = {qt.name for qt in registry.legal_types("blk.0.ffn_up.weight", 256, has_imatrix=False)}
     assert "IQ2_XXS" not in without and "IQ3_XXS" not in without and "IQ1_S" not in without
     assert "Q2_K" in without and "IQ4_XS" in without
-    # ggml's own list is a subset of what windq marks
+    # llama.cpp exempts token_embd, but ggml's own requirement (an abort) still holds there
+    emb = {qt.name for qt in registry.legal_types("token_embd.weight", 256, has_imatrix=False)}
+    assert "IQ3_XXS" in emb and "IQ2_S" in emb and "IQ2_XXS" not in emb and "IQ1_S" not in emb
     for qt in registry.registry().values():
-        if ggml.requires_imatrix(qt.id):
-            assert qt.requires_imatrix
+        assert qt.ggml_requires_imatrix == ggml.requires_imatrix(qt.id)
 
 
 def test_legal_types_sorted_cheapest_first():
-    bpw = [qt.bits_per_weight for qt in registry.legal_types(256, have_imatrix=True)]
+    bpw = [qt.bits_per_weight for qt in registry.legal_types("blk.0.ffn_up.weight", 256, has_imatrix=True)]
     assert bpw == sorted(bpw)
 
 
