@@ -19,6 +19,7 @@ import numpy as np
 from windq.errors import InputError
 from windq.export import llama
 from windq.models.gguf_model import GGUFModel
+from windq.models.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Runner:
 
     def __init__(self, path: str | Path, ctx: int, threads: int | None = None):
         GGUFModel(path)  # one clear error for a missing file or non-GGUF before llama.cpp sees it
-        lc = llama.llama_cpp()
+        llama.llama_cpp()
         from llama_cpp import Llama
 
         self.path = Path(path)
@@ -64,17 +65,13 @@ class Runner:
         except Exception as e:
             raise InputError(f"{path}: llama.cpp could not load the model ({llama.last_error()})") from e
         self.ctx = ctx
-        self.bos = self.llm.token_bos()
-        self.add_bos = bool(lc.llama_vocab_get_add_bos(self.llm._model.vocab))
-
-    def tokenize(self, text: str) -> np.ndarray:
-        return np.asarray(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), dtype=np.int64)
+        self.tokenizer = Tokenizer(path, self.llm)
 
     def chunk_logits(self, tokens: np.ndarray) -> np.ndarray:
         """Logits (ctx × vocab) of one chunk evaluated from an empty cache."""
         chunk = tokens.tolist()
-        if self.add_bos:
-            chunk[0] = self.bos
+        if self.tokenizer.add_bos:
+            chunk[0] = self.tokenizer.bos
         self.llm.reset()
         self.llm.eval(chunk)
         return np.array(self.llm.scores[: len(chunk)], dtype=np.float32)
@@ -100,7 +97,7 @@ def evaluate(
     runner = Runner(model_path, ctx, threads)
     ref = Runner(ref_path, ctx, threads) if ref_path else None
     try:
-        tokens = runner.tokenize(text)
+        tokens = runner.tokenizer.tokenize(text, max_tokens=None if max_chunks is None else max(max_chunks, 2) * ctx)
         if len(tokens) < 2 * ctx:
             raise InputError(
                 f"{text_name}: {len(tokens)} tokens; perplexity with a context of {ctx} needs at least {2 * ctx}"

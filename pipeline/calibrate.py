@@ -1,0 +1,230 @@
+"""Calibration: run the model in torch on calibration text and collect, for every linear weight,
+the statistics of the activations that multiply it.
+
+The importance matrix is Σ x_j² per input column j (what llama-imatrix collects), saved in the
+GGUF imatrix format. Alongside it windq keeps per-column mean |x| and max |x| (features for the
+planner) and the calibration tokens themselves (the planner's held-in loss is measured on them).
+
+Statistics are keyed by GGUF tensor name; HF module names are mapped with gguf's TensorNameMap.
+Text is tokenized by llama.cpp from the GGUF's own vocabulary, so calibration and evaluation see
+the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import gguf
+import numpy as np
+
+from windq import __version__
+from windq.errors import CalibrationError, UnsupportedModelError
+from windq.files import atomic_output, atomic_write_text
+from windq.models.gguf_model import GGUFModel
+from windq.models.sources import Text
+from windq.models.tokenizer import Tokenizer
+from windq.pipeline.imatrix import Imatrix, save_imatrix
+
+IMATRIX_FILE = "imatrix.gguf"
+ACTIVATIONS_FILE = "activations.npz"
+TOKENS_FILE = "tokens.npy"
+META_FILE = "calibration.json"
+
+# transformers' GGUF loader knows more, but the name mapping and the planner are tested on llama only.
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    tokens: int = 16384  # calibration tokens to run (rounded down to whole chunks)
+    ctx: int = 512  # tokens per chunk, each chunk from an empty cache as llama-imatrix does
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+
+@dataclass
+class ActivationStats:
+    """Running per-column statistics of one weight's inputs."""
+
+    sum_sq: np.ndarray
+    sum_abs: np.ndarray
+    max_abs: np.ndarray
+    count: int = 0
+
+    @classmethod
+    def empty(cls, n: int) -> "ActivationStats":
+        return cls(np.zeros(n, np.float64), np.zeros(n, np.float64), np.zeros(n, np.float32))
+
+    def add(self, x: np.ndarray) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        self.sum_sq += np.einsum("ij,ij->j", x, x, dtype=np.float64)
+        ax = np.abs(x)
+        self.sum_abs += ax.sum(axis=0, dtype=np.float64)
+        np.maximum(self.max_abs, ax.max(axis=0), out=self.max_abs)
+        self.count += x.shape[0]
+
+
+@dataclass
+class Calibration:
+    stats: dict[str, ActivationStats]
+    tokens: np.ndarray  # the calibration tokens, in chunks of ctx
+    meta: dict
+
+    @property
+    def imatrix(self) -> Imatrix:
+        return Imatrix(
+            sums={k: s.sum_sq for k, s in self.stats.items()},
+            counts={k: s.count for k, s in self.stats.items()},
+            datasets=[self.meta["text"]],
+            chunk_count=self.meta["chunks"],
+            chunk_size=self.meta["ctx"],
+        )
+
+
+def load_torch_model(model: GGUFModel):
+    """The GGUF as a float32 transformers model (dequantized by gguf-py inside transformers)."""
+    if model.architecture not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{model.path.name}: architecture {model.architecture!r} is not supported for calibration "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    m = AutoModelForCausalLM.from_pretrained(str(model.path.parent), gguf_file=model.path.name, dtype=torch.float32)
+    return m.eval()
+
+
+def module_to_tensor(model: GGUFModel, torch_model) -> dict[str, str]:
+    """HF nn.Linear module name → GGUF weight name, through gguf's TensorNameMap."""
+    import torch
+
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == model.architecture)
+    n_blocks = int(model.arch_field("{arch}.block_count"))
+    names = gguf.get_tensor_name_map(arch, n_blocks)
+    out = {}
+    for mod_name, mod in torch_model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        base = names.get_name(mod_name)
+        if base is None:
+            raise UnsupportedModelError(f"no GGUF name for module {mod_name}; this model layout is not supported")
+        tensor = base + ".weight"
+        if tensor not in model.tensors and base == "output" and "token_embd.weight" in model.tensors:
+            # Tied embeddings: llama.cpp multiplies by token_embd for the output, so the output's
+            # inputs are what that matrix sees on its way out.
+            tensor = "token_embd.weight"
+        if tensor not in model.tensors:
+            raise UnsupportedModelError(f"module {mod_name} maps to {tensor}, which {model.path.name} lacks")
+        out[mod_name] = tensor
+    return out
+
+
+@contextmanager
+def observe_linear_inputs(torch_model, names: dict[str, str], stats: dict[str, ActivationStats]) -> Iterator[None]:
+    """Attach forward pre-hooks that feed every mapped Linear's input into `stats`; detach after."""
+    handles = []
+    for mod_name, mod in torch_model.named_modules():
+        if mod_name not in names:
+            continue
+        tensor = names[mod_name]
+        stats.setdefault(tensor, ActivationStats.empty(mod.in_features))
+
+        def hook(_mod, args, tensor=tensor):
+            stats[tensor].add(args[0].detach().float().numpy())
+
+        handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def calibrate(
+    model: GGUFModel,
+    text: Text,
+    cfg: CalibrationConfig = CalibrationConfig(),
+    progress: Callable[[int, int], None] | None = None,
+) -> Calibration:
+    import torch
+
+    t0 = time.perf_counter()
+    tok = Tokenizer(model.path)
+    tokens = tok.tokenize(text.content, max_tokens=cfg.tokens)
+    tok.close()
+    n_chunks = min(cfg.tokens, len(tokens)) // cfg.ctx
+    if n_chunks < 1:
+        raise CalibrationError(
+            f"{text.name}: {len(tokens)} tokens, shorter than one context of {cfg.ctx}; give more text or a smaller --ctx"
+        )
+    tokens = tokens[: n_chunks * cfg.ctx].reshape(n_chunks, cfg.ctx).copy()
+    if tok.add_bos:
+        tokens[:, 0] = tok.bos  # as llama-imatrix does at the start of every chunk
+
+    torch.set_num_threads(cfg.threads)
+    tm = load_torch_model(model)
+    names = module_to_tensor(model, tm)
+    stats: dict[str, ActivationStats] = {}
+    with torch.inference_mode(), observe_linear_inputs(tm, names, stats):
+        for i in range(n_chunks):
+            tm(torch.from_numpy(tokens[i : i + 1]), use_cache=False)
+            if progress:
+                progress(i + 1, n_chunks)
+    meta = {
+        "windq": __version__,
+        "model": model.path.name,
+        "model_sha256": model.sha256,
+        "text": text.name,
+        "text_sha256": text.sha256,
+        "ctx": cfg.ctx,
+        "chunks": n_chunks,
+        "tokens": int(tokens.size),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return Calibration(stats=stats, tokens=tokens, meta=meta)
+
+
+def save_calibration(cal: Calibration, outdir: str | Path, architecture: str = "llama") -> Path:
+    outdir = Path(outdir)
+    save_imatrix(cal.imatrix, outdir / IMATRIX_FILE, architecture)
+    with atomic_output(outdir / ACTIVATIONS_FILE) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                **{f"{k}|abs_mean": (s.sum_abs / max(s.count, 1)).astype(np.float32) for k, s in cal.stats.items()},
+                **{f"{k}|abs_max": s.max_abs for k, s in cal.stats.items()},
+            )
+    with atomic_output(outdir / TOKENS_FILE) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, cal.tokens.astype(np.int32))
+    atomic_write_text(outdir / META_FILE, json.dumps(cal.meta, indent=1) + "\n")
+    return outdir
+
+
+def load_activation_stats(statsdir: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """tensor → {"abs_mean": …, "abs_max": …} from a calibration folder."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    path = Path(statsdir) / ACTIVATIONS_FILE
+    if not path.is_file():
+        raise CalibrationError(f"{statsdir}: no {ACTIVATIONS_FILE}; run `windq calibrate` first")
+    with np.load(path) as z:
+        for key in z.files:
+            tensor, stat = key.split("|")
+            out.setdefault(tensor, {})[stat] = z[key]
+    return out
+
+
+def load_tokens(statsdir: str | Path) -> np.ndarray:
+    path = Path(statsdir) / TOKENS_FILE
+    if not path.is_file():
+        raise CalibrationError(f"{statsdir}: no {TOKENS_FILE}; run `windq calibrate` first")
+    return np.load(path)
