@@ -66,6 +66,33 @@ def _model_path(spec: str) -> Path:
     return resolve_model(spec)
 
 
+@main.command("calibrate")
+@click.argument("model")
+@click.option("--text", default="wiki", show_default=True, help=TEXT_HELP.replace("for eval", "for eval, the calibration split here"))
+@click.option("--tokens", default=16384, show_default=True, help="Calibration tokens (whole chunks of --ctx).")
+@click.option("--ctx", default=512, show_default=True, help="Tokens per chunk, each run from an empty cache.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for imatrix.gguf, activations.npz, tokens.npy, calibration.json.")
+def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, out: str) -> None:
+    """Run MODEL on calibration text and collect its importance matrix.
+
+    Writes OUT/imatrix.gguf in llama-imatrix's GGUF format (usable by `windq export --imatrix` and
+    by stock `llama-quantize --imatrix`), plus the activation statistics and tokens the planner uses.
+    """
+    from windq.models.gguf_model import GGUFModel
+    from windq.models.sources import resolve_text
+    from windq.pipeline.calibrate import CalibrationConfig, calibrate, save_calibration
+
+    if tokens < 1 or ctx < 2:
+        raise click.BadParameter("--tokens and --ctx must be positive")
+    src = GGUFModel(_model_path(model))
+    cal = calibrate(src, resolve_text(text, "calibration"), CalibrationConfig(tokens=tokens, ctx=ctx), progress=_progress("calibrate"))
+    save_calibration(cal, out, src.architecture)
+    click.echo(
+        f"calibrated {src.path.name} on {cal.meta['tokens']} tokens of {cal.meta['text']} in {cal.meta['seconds']:.1f} s: "
+        f"{len(cal.stats)} weights → {Path(out) / 'imatrix.gguf'}"
+    )
+
+
 @main.command("export")
 @click.argument("model")
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="plan.json from `windq plan`.")

@@ -1,0 +1,221 @@
+"""Sensitivity tables: the activation-weighted error of every legal type on every column chunk.
+
+For a weight W (rows × n columns), a type t and the importance m_j of column j (the imatrix),
+
+    error(t, chunk) = Σ_rows Σ_{j in chunk} m_j · (W_ij − q_t(W)_ij)²
+
+where q_t(W) is what the exported file will hold: W quantized by ggml's own `ggml_quantize_chunk`
+with the same importance data llama.cpp gets, then decoded by ggml's `to_float`. Two details make
+the table bit-exact with the export:
+- a tensor already stored as t is copied by llama.cpp, not requantized, so its error is 0;
+- whole rows are quantized, as llama.cpp does, and the error is then split by column. ggml's blocks
+  run along a row, so a chunk of G columns is G/block blocks of every row; a type is legal on a
+  chunk when its block size divides G (and on the tensor when it divides the row). Legacy types
+  with an imatrix scale their search by a whole-row statistic, so a chunk's error is its share of
+  the whole-row quantization, which is exactly what a one-type-per-tensor GGUF contains.
+
+Tables are cached on disk, keyed by model hash, imatrix hash, G and the type list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Collection, Mapping
+
+import numpy as np
+
+from windq.errors import InputError
+from windq.export import ggml, registry
+from windq.files import atomic_output
+from windq.models.gguf_model import GGUFModel, TensorInfo
+
+TABLE_VERSION = 1
+GROUPS = (128, 256, 512)  # column-chunk widths offered; None = the whole row
+_JOB_WEIGHTS = 1 << 21  # weights per quantization job (a row block)
+
+
+@dataclass(frozen=True)
+class TensorTable:
+    name: str
+    shape: tuple[int, ...]
+    types: tuple[str, ...]  # legal on the tensor, cheapest first
+    chunk_cols: np.ndarray  # width of every column chunk
+    error: np.ndarray  # [n_types, n_chunks] activation-weighted squared error
+    nbytes: np.ndarray  # [n_types, n_chunks] exact bytes of the chunk in the type
+
+    @property
+    def chunk_legal(self) -> np.ndarray:
+        """[n_types, n_chunks]: the type's blocks tile the chunk (always true for whole-row chunks)."""
+        blocks = np.array([registry.get(t).block_size for t in self.types])[:, None]
+        return (self.chunk_cols[None, :] % blocks) == 0
+
+    def tensor_error(self) -> np.ndarray:
+        return self.error.sum(axis=1)
+
+    def tensor_bytes(self) -> np.ndarray:
+        return self.nbytes.sum(axis=1)
+
+
+@dataclass(frozen=True)
+class Tables:
+    group: int | None
+    model_sha256: str
+    imatrix_sha256: str | None
+    tensors: dict[str, TensorTable]
+
+    def save(self, path: str | Path) -> Path:
+        header = {
+            "version": TABLE_VERSION, "group": self.group, "model_sha256": self.model_sha256,
+            "imatrix_sha256": self.imatrix_sha256,
+            "tensors": {n: {"shape": list(t.shape), "types": list(t.types)} for n, t in self.tensors.items()},
+        }  # fmt: skip
+        arrays = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
+        for n, t in self.tensors.items():
+            arrays[f"{n}|cols"], arrays[f"{n}|error"], arrays[f"{n}|nbytes"] = t.chunk_cols, t.error, t.nbytes
+        with atomic_output(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tables":
+        with np.load(path) as z:
+            header = json.loads(z["header"].tobytes())
+            tensors = {
+                n: TensorTable(n, tuple(h["shape"]), tuple(h["types"]), z[f"{n}|cols"], z[f"{n}|error"], z[f"{n}|nbytes"])
+                for n, h in header["tensors"].items()
+            }
+        return cls(header["group"], header["model_sha256"], header["imatrix_sha256"], tensors)
+
+
+def chunk_widths(n_per_row: int, group: int | None) -> np.ndarray:
+    """Column chunks of `group` columns along a row; the last one is shorter when group does not divide it."""
+    if group is None or group >= n_per_row:
+        return np.array([n_per_row])
+    full, rest = divmod(n_per_row, group)
+    return np.array([group] * full + ([rest] if rest else []))
+
+
+def check_group(group: int | None) -> None:
+    if group is not None and (group <= 0 or group % 32):
+        raise InputError(f"chunk width {group}: use a multiple of 32 (windq offers {', '.join(map(str, GROUPS))}) or the whole row")
+
+
+def _chunk_bytes(total: int, cols: np.ndarray) -> np.ndarray:
+    """A tensor's exact bytes shared out by column; chunk sums are always the tensor's size.
+
+    Where the type's blocks tile the chunk, the share is exactly the chunk's blocks; where they do
+    not (a 256-block type on a 128-column chunk), it is the chunk's share of the row's bytes.
+    """
+    edges = (np.concatenate([[0], np.cumsum(cols)]) * total) // int(cols.sum())
+    return np.diff(edges).astype(np.int64)
+
+
+def _column_error(w: np.ndarray, q: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    d = w - q
+    return np.einsum("ij,ij->j", d, d, dtype=np.float64) * importance
+
+
+def compute_tables(
+    model: GGUFModel,
+    imatrix: Mapping[str, np.ndarray] | None,
+    *,
+    group: int | None = 256,
+    allowed: tuple[str, ...] | None = None,
+    imatrix_sha256: str | None = None,
+    threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    only: Collection[str] | None = None,
+) -> Tables:
+    """Tables for every quantizable tensor (or the `only` ones) and every legal type (or the `allowed` ones)."""
+    check_group(group)
+    imatrix = dict(imatrix or {})
+    # A tensor without importance data (llama-imatrix skips token_embd and output) is quantized
+    # without it, as llama.cpp will; its error is weighted by the mean importance of the others,
+    # so its scale stays comparable.
+    mean_importance = float(np.mean([v.mean() for v in imatrix.values()])) if imatrix else 1.0
+    tensors = [t for t in model.quantizable() if only is None or t.name in only]
+    # Jobs are (tensor, type, row block): ggml quantizes rows independently, so a big tensor's
+    # slow types spread over all cores. Largest tensors go first, so no core idles at the end.
+    jobs: list[tuple[TensorInfo, registry.QuantType, int, int]] = []
+    for t in sorted(tensors, key=lambda t: -t.n_elements):
+        rows = t.n_elements // t.n_per_row
+        step = max(1, _JOB_WEIGHTS // t.n_per_row)
+        for qt in registry.legal_types(t.name, t.n_per_row, has_imatrix=t.name in imatrix, allowed=allowed):
+            jobs += [(t, qt, r, min(rows, r + step)) for r in range(0, rows, step)]
+
+    lock = threading.Lock()
+    cache: dict[str, np.ndarray] = {}
+    pending = {t.name: sum(1 for j in jobs if j[0].name == t.name) for t in tensors}
+
+    def weights(t: TensorInfo) -> np.ndarray:
+        with lock:
+            if t.name not in cache:
+                cache[t.name] = model.dequantized(t.name)
+            return cache[t.name]
+
+    def run(job) -> tuple[str, str, np.ndarray]:
+        t, qt, r0, r1 = job
+        w = weights(t)[r0:r1]
+        im = imatrix.get(t.name)
+        importance = im if im is not None else np.full(t.n_per_row, mean_importance, dtype=np.float32)
+        if qt.id == t.type_id:
+            col = np.zeros(t.n_per_row)  # llama.cpp copies a tensor already in the planned type
+        else:
+            col = _column_error(w, ggml.round_trip(qt.id, w, im), importance)
+        with lock:
+            pending[t.name] -= 1
+            if pending[t.name] == 0:
+                cache.pop(t.name, None)  # no job left for this tensor: free its weights
+        return t.name, qt.name, col
+
+    results: dict[str, dict[str, np.ndarray]] = {t.name: {} for t in tensors}
+    # ggml's quantizers and numpy's big loops release the GIL, so threads scale on the cores.
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+        for done, (name, type_name, col) in enumerate(pool.map(run, jobs), 1):
+            results[name][type_name] = results[name].get(type_name, 0) + col
+            if progress:
+                progress(done, len(jobs))
+
+    out = {}
+    for t in tensors:
+        types = tuple(sorted(results[t.name], key=lambda ty: (registry.get(ty).bits_per_weight, ty)))
+        cols = chunk_widths(t.n_per_row, group)
+        starts = np.concatenate([[0], np.cumsum(cols)[:-1]])
+        error = np.stack([np.add.reduceat(results[t.name][ty], starts) for ty in types])
+        nbytes = np.stack([_chunk_bytes(registry.get(ty).nbytes(t.shape), cols) for ty in types])
+        out[t.name] = TensorTable(t.name, t.shape, types, cols, error, nbytes)
+    return Tables(group, model.sha256, imatrix_sha256, out)
+
+
+def cache_key(model_sha256: str, imatrix_sha256: str | None, group: int | None, allowed: tuple[str, ...] | None) -> str:
+    raw = json.dumps([TABLE_VERSION, model_sha256, imatrix_sha256, group, sorted(allowed) if allowed else None])
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def load_or_compute(
+    model: GGUFModel,
+    imatrix: Mapping[str, np.ndarray] | None,
+    cache_dir: str | Path,
+    *,
+    group: int | None = 256,
+    allowed: tuple[str, ...] | None = None,
+    imatrix_sha256: str | None = None,
+    threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Tables:
+    key = cache_key(model.sha256, imatrix_sha256, group, allowed)
+    path = Path(cache_dir) / f"sensitivity-{'row' if group is None else f'g{group}'}-{key}.npz"
+    if path.is_file():
+        return Tables.load(path)
+    tables = compute_tables(
+        model, imatrix, group=group, allowed=allowed, imatrix_sha256=imatrix_sha256, threads=threads, progress=progress
+    )
+    tables.save(path)
+    return tables
