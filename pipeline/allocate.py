@@ -55,21 +55,29 @@ class Problem:
         # the epsilon keeps a budget read back from an achieved figure (bytes·8/n) at those bytes
         return math.floor(bpw * self.n_weights / 8 + 1e-6)
 
-    def reachable_bpw(self) -> tuple[float, float]:
+    def reachable_bytes(self) -> tuple[int, int]:
         lo = self.fixed_bytes + sum(int(u.nbytes.min()) for u in self.units)
         hi = self.fixed_bytes + sum(int(u.nbytes.max()) for u in self.units)
+        return lo, hi
+
+    def reachable_bpw(self) -> tuple[float, float]:
+        lo, hi = self.reachable_bytes()
         return self.bpw(lo), self.bpw(hi)
 
     def check_budget(self, bpw: float) -> int:
-        """Budget in bytes, or a BudgetError naming the range these types can reach."""
-        lo, hi = self.reachable_bpw()
-        if not lo <= bpw <= hi:
+        """Budget in bytes, or a BudgetError naming the range these types can reach.
+
+        Above the range is refused too: no plan could land within SLACK below such a target."""
+        budget = self.budget_bytes(bpw)
+        lo_bytes, hi_bytes = self.reachable_bytes()
+        if not lo_bytes <= budget <= hi_bytes:
+            lo, hi = self.reachable_bpw()
             types = sorted({t for u in self.units for t in u.types})
             raise BudgetError(
                 f"{bpw:g} bits per weight cannot be reached: with {', '.join(types)} this model spans "
                 f"{lo:.3f} to {hi:.3f} bits per weight"
             )
-        return self.budget_bytes(bpw)
+        return budget
 
     def assignment(self, choice: np.ndarray) -> dict[tuple[str, int], str]:
         return {(u.tensor, u.chunk): u.types[c] for u, c in zip(self.units, choice)}
