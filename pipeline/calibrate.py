@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
+from unittest import mock
 
 import gguf
 import numpy as np
@@ -97,9 +98,13 @@ def load_torch_model(model: GGUFModel):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    import transformers.modeling_gguf_pytorch_utils as gguf_loader
+
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    m = AutoModelForCausalLM.from_pretrained(str(model.path.parent), gguf_file=model.path.name, dtype=torch.float32)
+    # the GGUF loader draws its own tqdm bar, which ignores transformers' progress-bar switch;
+    # library code must not print, so it is replaced by a pass-through while loading
+    with mock.patch.object(gguf_loader, "tqdm", lambda it, **_: it):
+        m = AutoModelForCausalLM.from_pretrained(str(model.path.parent), gguf_file=model.path.name, dtype=torch.float32)
     return m.eval()
 
 

@@ -93,6 +93,53 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, out: str) -> Non
     )
 
 
+@main.command("plan")
+@click.argument("model")
+@click.option("--stats", required=True, type=click.Path(file_okay=False), help="Folder from `windq calibrate` (tables are cached there).")
+@click.option("--bpw", required=True, type=float, help="Budget: bits per weight over the whole file (every tensor's bytes).")
+@click.option("--method", type=click.Choice(["knapsack", "ppo", "uniform", "random"]), default="knapsack", show_default=True,
+              help="knapsack: optimum of the additive proxy; ppo: MaskablePPO warm-started from it; uniform/random: baselines.")
+@click.option("--granularity", default="tensor", show_default=True, help="`tensor`, or `chunk:G` (G = 128, 256, 512 columns) projected to one type per tensor for export.")
+@click.option("--types", help="Comma-separated ggml types to allow (default: every legal one).")
+@click.option("--seed", default=0, show_default=True, help="Seed for ppo and random.")
+@click.option("--episodes", default=20, show_default=True, help="PPO training episodes.")
+@click.option("--policy", type=click.Path(dir_okay=False), help="Apply a saved PPO policy instead of training (zero-shot transfer).")
+@click.option("--save-policy", type=click.Path(dir_okay=False), help="Where to save the trained PPO policy.")
+@click.option("--real-loss-tokens", default=256, show_default=True, help="Held-in tokens for PPO's episode-end KL (0: proxy only).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="plan.json to write; the allocation map goes beside it as .png.")
+def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, policy, save_policy, real_loss_tokens, out) -> None:
+    """Allocate a ggml type to every tensor of MODEL within a bits-per-weight budget.
+
+    Needs `windq calibrate MODEL --out STATS` first. Types that cannot be written (row length,
+    missing importance data) are never offered; the budget is never exceeded.
+    """
+    from windq.export import registry
+    from windq.models.gguf_model import GGUFModel
+    from windq.pipeline.planner import PlanConfig, run_planner
+    from windq.pipeline.plan import save_plan
+    from windq.pipeline.report import allocation_map, summary
+
+    allowed = tuple(registry.get(t.strip()).name for t in types.split(",")) if types else None
+    cfg = PlanConfig(
+        bpw=bpw, method=method, granularity=granularity, types=allowed, seed=seed, episodes=episodes,
+        policy=policy, real_loss_tokens=real_loss_tokens,
+    )  # fmt: skip
+    bars = {}
+
+    def progress(stage, done, total):
+        bars.setdefault(stage, _progress(stage))(done, total)
+
+    src = GGUFModel(_model_path(model))
+    result = run_planner(src, stats, cfg, progress)
+    save_plan(result.plan, out)
+    png = allocation_map(result.plan, Path(out).with_suffix(".png"))
+    if save_policy and result.policy_model is not None:
+        result.policy_model.save(save_policy)
+    for line in summary(result.plan, result.proxy_error, result.chunk_proxy_error, result.ppo):
+        click.echo(line)
+    click.echo(f"wrote {out} and {png}")
+
+
 @main.command("export")
 @click.argument("model")
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="plan.json from `windq plan`.")

@@ -1,0 +1,173 @@
+"""`windq plan`: from a calibration folder to a plan — tables, problem, allocator, projection."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from windq.errors import CalibrationError, InputError
+from windq.models.gguf_model import GGUFModel
+from windq.pipeline import allocate
+from windq.pipeline.calibrate import META_FILE, load_activation_stats, load_tokens
+from windq.pipeline.imatrix import load_imatrix
+from windq.pipeline.plan import Plan, make_plan
+from windq.pipeline.sensitivity import Tables, load_or_compute
+
+METHODS = ("knapsack", "ppo", "uniform", "random")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    bpw: float
+    method: str = "knapsack"
+    granularity: str = "tensor"  # "tensor" or "chunk:G"
+    types: tuple[str, ...] | None = None
+    seed: int = 0
+    episodes: int = 20  # PPO training episodes
+    policy: str | None = None  # apply a saved policy instead of training
+    real_loss_tokens: int = 256  # held-in calibration tokens for the PPO episode-end KL (0: proxy only)
+    threads: int | None = None
+
+    @property
+    def group(self) -> int | None:
+        if self.granularity == "tensor":
+            return None
+        kind, _, g = self.granularity.partition(":")
+        if kind != "chunk" or not g.isdigit():
+            raise InputError(f"--granularity {self.granularity}: use `tensor` or `chunk:G` (G = 128, 256, 512)")
+        return int(g)
+
+
+@dataclass
+class PlannerResult:
+    plan: Plan
+    tensor_problem: allocate.Problem
+    tensor_choice: np.ndarray
+    proxy_error: float
+    chunk_proxy_error: float | None = None
+    ppo: object | None = None  # PPOResult
+    policy_model: object | None = None
+    extras: dict = field(default_factory=dict)
+
+
+def _check_stats(model: GGUFModel, statsdir: Path) -> None:
+    meta_path = statsdir / META_FILE
+    if not meta_path.is_file():
+        raise CalibrationError(f"{statsdir}: not a calibration folder (no {META_FILE}); run `windq calibrate` first")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("model_sha256") != model.sha256:
+        raise CalibrationError(f"{statsdir} was calibrated on {meta.get('model')}, not {model.path.name}; calibrate this model")
+
+
+def weight_column_stats(model: GGUFModel, names) -> dict[str, np.ndarray]:
+    out = {}
+    for n in names:
+        w = model.dequantized(n)
+        out[n] = np.stack([w.std(axis=0), np.abs(w).max(axis=0)])
+    return out
+
+
+def run_planner(
+    model: GGUFModel, statsdir: str | Path, cfg: PlanConfig, progress: Callable[[str, int, int], None] | None = None
+) -> PlannerResult:
+    statsdir = Path(statsdir)
+    if cfg.method not in METHODS:
+        raise InputError(f"--method {cfg.method}: use one of {', '.join(METHODS)}")
+    _check_stats(model, statsdir)
+    im = load_imatrix(statsdir / "imatrix.gguf", model)
+    data = im.data
+
+    def bar(stage):
+        return (lambda d, t: progress(stage, d, t)) if progress else None
+
+    group = cfg.group
+    # tensor plans read whole-tensor sums from the G=256 tables, so both granularities share one cache
+    tables: Tables = load_or_compute(
+        model, data, statsdir, group=group or 256, imatrix_sha256=im.sha256(), threads=cfg.threads, progress=bar("tables")
+    )
+    tp = allocate.build_problem(model, tables, granularity="tensor", allowed=cfg.types)
+    tp.check_budget(cfg.bpw)
+    prob = tp if group is None else allocate.build_problem(model, tables, granularity=cfg.granularity, allowed=cfg.types)
+
+    ppo_result = policy_model = None
+    if cfg.method == "knapsack":
+        choice = allocate.knapsack(prob, cfg.bpw)
+    elif cfg.method == "uniform":
+        choice = allocate.uniform(prob, cfg.bpw)
+    elif cfg.method == "random":
+        choice = allocate.random_plan(prob, cfg.bpw, np.random.default_rng(cfg.seed))
+    else:
+        choice, ppo_result, policy_model = _run_ppo(model, statsdir, tables, prob, tp, data, cfg, bar("ppo"))
+
+    chunk_error = None
+    if group is not None:
+        chunk_error = prob.error_of(choice)
+        tchoice = allocate.project_to_tensors(prob, choice, tp, cfg.bpw)
+    else:
+        tchoice = choice
+    types = allocate.tensor_types(tp, tchoice)
+    prov = {
+        "seed": cfg.seed,
+        "imatrix_sha256": im.sha256(),
+        "calibration": str(statsdir),
+        "proxy_error": tp.error_of(tchoice),
+        "allowed_types": list(cfg.types) if cfg.types else None,
+    }
+    if chunk_error is not None:
+        prov["chunk_proxy_error"] = chunk_error
+        prov["chunk_types"] = _chunk_types(prob, choice)
+    if ppo_result is not None:
+        prov["ppo"] = {
+            "episodes": ppo_result.episodes, "source": ppo_result.source, "kl": ppo_result.kl,
+            "knapsack_kl": ppo_result.knapsack_kl, "policy": cfg.policy,
+        }  # fmt: skip
+    plan = make_plan(model, types, method=cfg.method, budget_bpw=cfg.bpw, granularity=cfg.granularity, provenance=prov)
+    return PlannerResult(plan, tp, tchoice, tp.error_of(tchoice), chunk_error, ppo_result, policy_model)
+
+
+def _chunk_types(p: allocate.Problem, choice: np.ndarray) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for u, c in zip(p.units, choice):
+        out.setdefault(u.tensor, []).append(u.types[c])
+    return out
+
+
+def _run_ppo(model, statsdir, tables, prob, tp, imatrix, cfg: PlanConfig, progress):
+    from windq.pipeline import ppo
+
+    acts = load_activation_stats(statsdir)
+    feats = ppo.unit_features(
+        prob, weight_column_stats(model, tables.tensors), imatrix, acts,
+        {n: t.chunk_cols for n, t in tables.tensors.items()} if prob.granularity != "tensor" else None,
+    )  # fmt: skip
+    real = None
+    scale = 1.0
+    if cfg.real_loss_tokens > 0:
+        from windq.pipeline.real_loss import RealLoss
+
+        tokens = load_tokens(statsdir)
+        n = min(cfg.real_loss_tokens, tokens.shape[1])
+        loss = RealLoss(model, imatrix, tokens[:1, :n])
+        # the real loss is judged on the exported plan: chunk choices are projected first
+        if prob.granularity == "tensor":
+            real = lambda choice: loss.kl(allocate.tensor_types(tp, choice))  # noqa: E731
+        else:
+            real = lambda choice: loss.kl(  # noqa: E731
+                allocate.tensor_types(tp, allocate.project_to_tensors(prob, choice, tp, cfg.bpw))
+            )
+        scale = max(real(allocate.knapsack(prob, cfg.bpw)), 1e-9)
+    env = ppo.AllocationEnv(prob, feats, cfg.bpw, real_loss=real, real_loss_scale=scale)
+    if cfg.policy:
+        if not Path(cfg.policy).is_file():
+            raise InputError(f"{cfg.policy}: no such policy file")
+        policy_model = ppo.load_policy(cfg.policy)
+        if policy_model.observation_space.shape != env.observation_space.shape:
+            raise InputError(f"{cfg.policy}: a policy for another observation layout (windq version?)")
+        result = ppo.apply_policy(policy_model, env)
+    else:
+        policy_model, result = ppo.train(env, episodes=cfg.episodes, seed=cfg.seed, progress=progress)
+    return result.choice, result, policy_model

@@ -1,0 +1,71 @@
+"""What a plan looks like to a person: an allocation map (layers × tensor kinds, colour = bits per
+weight) and a one-screen summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from windq.export import registry
+from windq.files import atomic_output
+from windq.pipeline.plan import Plan
+
+KIND_ORDER = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _grid(plan: Plan) -> tuple[np.ndarray, list[str]]:
+    layers = sorted({int(n.split(".")[1]) for n in plan.tensors if n.startswith("blk.")})
+    grid = np.full((len(KIND_ORDER), max(layers, default=-1) + 1), np.nan)
+    for name, t in plan.tensors.items():
+        parts = name.split(".")
+        if parts[0] == "blk" and parts[2] in KIND_ORDER:
+            grid[KIND_ORDER.index(parts[2]), int(parts[1])] = registry.get(t).bits_per_weight
+    return grid, [n for n in plan.tensors if not n.startswith("blk.")]
+
+
+def allocation_map(plan: Plan, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid, others = _grid(plan)
+    fig, ax = plt.subplots(figsize=(max(6, grid.shape[1] * 0.32 + 2), 3.6))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=1.5, vmax=8.5, interpolation="nearest")
+    ax.set_yticks(range(len(KIND_ORDER)), KIND_ORDER)
+    step = max(1, grid.shape[1] // 15)
+    ax.set_xticks(range(0, grid.shape[1], step))
+    ax.set_xlabel("layer")
+    extra = ", ".join(f"{n.removesuffix('.weight')}: {plan.tensors[n]}" for n in others)
+    ax.set_title(f"{plan.method} @ {plan.budget_bpw or plan.achieved_bpw:.2f} bpw → {plan.achieved_bpw:.3f} bpw   ({extra})", fontsize=9)
+    fig.colorbar(im, ax=ax, label="bits per weight")
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def summary(plan: Plan, proxy_error: float, chunk_proxy_error: float | None = None, ppo=None) -> list[str]:
+    lines = [
+        f"method {plan.method} ({plan.granularity}), budget {plan.budget_bpw:g} → achieved {plan.achieved_bpw:.4f} "
+        f"bits per weight, {plan.total_bytes / 1e6:.2f} MB of tensor data",
+        f"proxy error (activation-weighted, tensor plan): {proxy_error:.6g}",
+    ]
+    if chunk_proxy_error is not None:
+        lines.append(
+            f"chunk plan proxy error: {chunk_proxy_error:.6g} (projection to one type per tensor costs "
+            f"{100 * (proxy_error / max(chunk_proxy_error, 1e-30) - 1):.1f} %)"
+        )
+    if ppo is not None and ppo.kl is not None:
+        knap = "" if ppo.knapsack_kl is None else f", knapsack plan {ppo.knapsack_kl:.5f}"
+        lines.append(f"PPO: {ppo.episodes} episodes, plan from the {ppo.source}; held-in KL {ppo.kl:.5f}{knap}")
+    lines.append("types: " + ", ".join(f"{t}×{n}" for t, n in plan.type_counts().items()))
+    grid, others = _grid(plan)
+    for k, row in zip(KIND_ORDER, grid):
+        if not np.isnan(row).all():
+            lines.append(f"  {k:<12} mean {np.nanmean(row):.2f} bpw  (min {np.nanmin(row):.2f}, max {np.nanmax(row):.2f})")
+    for n in others:
+        lines.append(f"  {n.removesuffix('.weight'):<12} {plan.tensors[n]}")
+    return lines
