@@ -68,7 +68,7 @@ def export_gguf(
             path=out,
             nbytes=written.nbytes,
             file_bytes=tmp.stat().st_size,
-            bits_per_weight=written.nbytes * 8 / written.n_weights,
+            bits_per_weight=written.nbytes * 8 / written.n_real_weights,
             base_ftype=_ftype_name(ftype),
         )
         del written  # release gguf-py's memory map before the rename

@@ -11,6 +11,7 @@ import functools
 from dataclasses import dataclass
 
 import gguf
+import numpy as np
 
 from windq.errors import IllegalTypeError, WindqError
 from windq.export import ggml
@@ -38,6 +39,7 @@ class QuantType:
     type_size: int  # bytes per block
     ggml_requires_imatrix: bool  # ggml aborts the process when asked to write it without one
     llama_requires_imatrix: bool  # llama.cpp refuses it without one, except on token_embd/output
+    keeps_zero_subblocks: bool  # a zero 32-column stretch inside a live block decodes to exact zeros
 
     @property
     def id(self) -> int:
@@ -60,11 +62,21 @@ class QuantType:
         """Whether writing `tensor` as this type needs importance data for that tensor."""
         return self.ggml_requires_imatrix or (self.llama_requires_imatrix and tensor not in _LLAMA_IMATRIX_EXEMPT)
 
-    def is_legal(self, tensor: str, n_per_row: int, *, has_imatrix: bool) -> bool:
-        return self.fits_row(n_per_row) and (has_imatrix or not self.needs_imatrix(tensor))
+    def is_legal(self, tensor: str, n_per_row: int, *, has_imatrix: bool, zero_padded: bool = False) -> bool:
+        """`zero_padded`: the tensor carries alignment padding whose zeros must survive (see models/align.py)."""
+        return (
+            self.fits_row(n_per_row)
+            and (has_imatrix or not self.needs_imatrix(tensor))
+            and (self.keeps_zero_subblocks or not zero_padded)
+        )
 
-    def check(self, tensor: str, n_per_row: int, *, has_imatrix: bool) -> None:
+    def check(self, tensor: str, n_per_row: int, *, has_imatrix: bool, zero_padded: bool = False) -> None:
         self.check_row(n_per_row, tensor)
+        if zero_padded and not self.keeps_zero_subblocks:
+            raise IllegalTypeError(
+                f"{tensor}: {self.name} turns the alignment padding into nonzero values (its grid has no zero), "
+                f"which would change the aligned model's output; pick a K, legacy or IQ4 type"
+            )
         if self.needs_imatrix(tensor) and not has_imatrix:
             raise IllegalTypeError(
                 f"{tensor}: {self.name} can only be written with importance data for this tensor; "
@@ -104,8 +116,22 @@ def registry() -> dict[str, QuantType]:
                 f"gguf and libggml disagree on {name} (gguf: {block}/{size}, ggml: "
                 f"{ggml.block_size(gtype)}/{ggml.type_size(gtype)}); reinstall matching versions"
             )
-        types[name] = QuantType(name, gtype, block, size, ggml.requires_imatrix(gtype), name in _LLAMA_NEEDS_IMATRIX)
+        types[name] = QuantType(
+            name, gtype, block, size, ggml.requires_imatrix(gtype), name in _LLAMA_NEEDS_IMATRIX, _keeps_zero_subblocks(gtype)
+        )
     return types
+
+
+def _keeps_zero_subblocks(gtype: gguf.GGMLQuantizationType) -> bool:
+    """Probe libggml: quantize rows whose last 32-column stretches are zero inside a live 256-block
+    and see whether those zeros come back. K, legacy and IQ4 types give a zero scale/level to such a
+    stretch; the IQ1/IQ2/IQ3 lattice grids have no zero point, so they do not."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 512)).astype(np.float32)
+    w[:, 448:] = 0
+    importance = np.where(np.arange(512) < 448, 1.0, 0.0).astype(np.float32)
+    q = ggml.round_trip(int(gtype), w, importance)
+    return bool((q[:, 448:] == 0).all())
 
 
 def get(name: str) -> QuantType:
@@ -132,12 +158,13 @@ def nbytes_any(type_id: int, shape: tuple[int, ...]) -> int:
 
 
 def legal_types(
-    tensor: str, n_per_row: int, *, has_imatrix: bool, allowed: tuple[str, ...] | None = None
+    tensor: str, n_per_row: int, *, has_imatrix: bool, zero_padded: bool = False, allowed: tuple[str, ...] | None = None
 ) -> list[QuantType]:
     """Types that can be written for a tensor, cheapest first. `has_imatrix`: importance data for this tensor."""
     out = [
         qt
         for qt in registry().values()
-        if (allowed is None or qt.name in allowed) and qt.is_legal(tensor, n_per_row, has_imatrix=has_imatrix)
+        if (allowed is None or qt.name in allowed)
+        and qt.is_legal(tensor, n_per_row, has_imatrix=has_imatrix, zero_padded=zero_padded)
     ]
     return sorted(out, key=lambda qt: (qt.bits_per_weight, qt.name))

@@ -94,6 +94,22 @@ class GGUFModel:
         return sum(t.n_elements for t in self._tensors.values())
 
     @property
+    def n_real_weights(self) -> int:
+        """Weights that are not alignment padding: what bits per weight are counted over."""
+        return int(self.field("windq.align.real_weights", self.n_weights))
+
+    @property
+    def is_aligned(self) -> bool:
+        return self.reader.get_field("windq.align.real_weights") is not None
+
+    def zero_padded(self, name: str) -> bool:
+        """Whether a tensor's padding zeros must survive quantization exactly. Only token_embd's do:
+        its padded columns become the residual stream's padded channels, which RMSNorm averages over.
+        Every other padded column multiplies activations that are exactly zero, and padded rows are
+        whole zero blocks, which every ggml type keeps at zero."""
+        return self.is_aligned and name == "token_embd.weight"
+
+    @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self._tensors.values())
 

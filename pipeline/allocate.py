@@ -101,7 +101,7 @@ def build_problem(
                 raise BudgetError(f"{name}: no allowed type fits its {t.chunk_cols[c]}-column chunks")
             units.append(Unit(name, c, tuple(t.types[i] for i in ok), t.nbytes[ok, c], t.error[ok, c]))
     fixed = sum(info.nbytes for n, info in model.tensors.items() if n not in tables.tensors)
-    return Problem(tuple(units), fixed, model.n_weights, granularity)
+    return Problem(tuple(units), fixed, model.n_real_weights, granularity)
 
 
 # --- exact: Pareto-frontier dynamic programme -------------------------------------------------

@@ -103,8 +103,14 @@ def load_torch_model(model: GGUFModel):
     hf_logging.set_verbosity_error()
     # the GGUF loader draws its own tqdm bar, which ignores transformers' progress-bar switch;
     # library code must not print, so it is replaced by a pass-through while loading
-    with mock.patch.object(gguf_loader, "tqdm", lambda it, **_: it):
-        m = AutoModelForCausalLM.from_pretrained(str(model.path.parent), gguf_file=model.path.name, dtype=torch.float32)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with mock.patch.object(gguf_loader, "tqdm", lambda it, **_: it):
+            m = AutoModelForCausalLM.from_pretrained(str(model.path.parent), gguf_file=model.path.name, dtype=torch.float32)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     return m.eval()
 
 

@@ -58,7 +58,7 @@ def model_ref(model: GGUFModel) -> ModelRef:
     return ModelRef(
         name=model.field("general.name", model.path.stem),
         sha256=model.sha256,
-        n_weights=model.n_weights,
+        n_weights=model.n_real_weights,
         architecture=model.architecture,
     )
 
@@ -76,7 +76,7 @@ def file_bytes(model: GGUFModel, tensors: Mapping[str, str]) -> int:
 
 
 def bits_per_weight(model: GGUFModel, tensors: Mapping[str, str]) -> float:
-    return file_bytes(model, tensors) * 8 / model.n_weights
+    return file_bytes(model, tensors) * 8 / model.n_real_weights
 
 
 def make_plan(
@@ -97,7 +97,7 @@ def make_plan(
         method=method,
         granularity=granularity,
         budget_bpw=budget_bpw,
-        achieved_bpw=nbytes * 8 / model.n_weights,
+        achieved_bpw=nbytes * 8 / model.n_real_weights,
         total_bytes=nbytes,
         provenance=prov,
     )
@@ -126,7 +126,9 @@ def validate(plan: Plan, model: GGUFModel, *, imatrix_tensors: Collection[str] =
             raise PlanError(f"plan names tensor {name}, which {model.path.name} does not have")
         if name not in quantizable:
             raise PlanError(f"plan names tensor {name}, which llama.cpp never quantizes (norms and 1-D tensors are kept)")
-        registry.get(type_name).check(name, quantizable[name].n_per_row, has_imatrix=name in imatrix_tensors)
+        registry.get(type_name).check(
+            name, quantizable[name].n_per_row, has_imatrix=name in imatrix_tensors, zero_padded=model.zero_padded(name)
+        )
     missing = [n for n in quantizable if n not in plan.tensors]
     if missing:
         raise PlanError(f"plan has no type for tensor {missing[0]} ({len(missing)} tensors missing)")

@@ -147,7 +147,10 @@ def compute_tables(
     for t in sorted(tensors, key=lambda t: -t.n_elements):
         rows = t.n_elements // t.n_per_row
         step = max(1, _JOB_WEIGHTS // t.n_per_row)
-        for qt in registry.legal_types(t.name, t.n_per_row, has_imatrix=t.name in imatrix, allowed=allowed):
+        legal = registry.legal_types(
+            t.name, t.n_per_row, has_imatrix=t.name in imatrix, zero_padded=model.zero_padded(t.name), allowed=allowed
+        )
+        for qt in legal:
             jobs += [(t, qt, r, min(rows, r + step)) for r in range(0, rows, step)]
 
     lock = threading.Lock()

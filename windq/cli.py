@@ -140,14 +140,38 @@ def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, poli
     click.echo(f"wrote {out} and {png}")
 
 
+@main.command("align")
+@click.argument("model")
+@click.option("--to", default=256, show_default=True, help="Pad widths to a multiple of this (256: K and IQ blocks).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Aligned F32 GGUF to write.")
+def align_cmd(model: str, to: int, out: str) -> None:
+    """Zero-pad MODEL's widths so K and IQ types fit its rows, computing exactly the same function.
+
+    Llama family only. The hidden width is padded (576 → 768 on SmolLM2), whole dummy heads are
+    added with one dummy KV head per group, and RMSNorm is compensated exactly. Bits per weight of
+    anything made from the aligned file count only the real weights.
+    """
+    from windq.models.align import align_gguf
+    from windq.models.gguf_model import GGUFModel
+
+    r = align_gguf(GGUFModel(_model_path(model)), out, to)
+    b, a = r.before, r.after
+    click.echo(
+        f"aligned: width {b.n_embd} → {a.n_embd}, heads {b.n_head}/{b.n_head_kv} → {a.n_head}/{a.n_head_kv}, "
+        f"ffn {b.n_ff} → {a.n_ff}; {r.real_weights:,} real weights stored as {r.stored_weights:,} "
+        f"(+{100 * (r.stored_weights / r.real_weights - 1):.1f} % padding) → {r.path}"
+    )
+
+
 @main.command("export")
 @click.argument("model")
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="plan.json from `windq plan`.")
 @click.option("--gguf", "out", required=True, type=click.Path(dir_okay=False), help="GGUF file to write (atomically).")
 @click.option("--imatrix", type=click.Path(dir_okay=False), help="imatrix GGUF (windq calibrate or llama-imatrix).")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Also write the plan as a --tensor-type-file for llama-quantize.")
+@click.option("--align", "align_to", type=int, help="Align MODEL first (as `windq align --to N`); the plan must be for the aligned model.")
 @click.option("--threads", type=int, default=0, show_default=True, help="Quantizer threads; 0 = all cores.")
-def export_cmd(model: str, plan_path: str, out: str, imatrix: str | None, recipe: str | None, threads: int) -> None:
+def export_cmd(model: str, plan_path: str, out: str, imatrix: str | None, recipe: str | None, align_to: int | None, threads: int) -> None:
     """Write MODEL quantized as the plan says, through llama.cpp's own quantizer.
 
     The plan is checked against the model first (every tensor named, every type legal for its
@@ -158,10 +182,18 @@ def export_cmd(model: str, plan_path: str, out: str, imatrix: str | None, recipe
     from windq.pipeline.imatrix import load_imatrix
     from windq.pipeline.plan import load_plan
 
-    src = GGUFModel(_model_path(model))
+    import tempfile
+
+    from windq.models.align import align_gguf
+
     plan = load_plan(plan_path)
-    im = load_imatrix(imatrix, src).data if imatrix else None
-    report = export_gguf(src, plan, out, imatrix=im, nthread=threads)
+    with tempfile.TemporaryDirectory(dir=Path(out).parent if Path(out).parent.is_dir() else None) as tmp:
+        src = GGUFModel(_model_path(model))
+        if align_to:
+            src = GGUFModel(align_gguf(src, Path(tmp) / "aligned.gguf", align_to).path)
+        im = load_imatrix(imatrix, src).data if imatrix else None
+        report = export_gguf(src, plan, out, imatrix=im, nthread=threads)
+        del src
     if recipe:
         write_recipe(plan, recipe)
     click.echo(
@@ -221,7 +253,7 @@ def demo_cmd(out: str, type_name: str, chunks: int) -> None:
     for label, path, ref in (("source (Q4_1, reference)", src.path, None), (f"windq uniform {type_name}", report.path, src.path)):
         r = evaluate(path, text.content, text_name=text.name, max_chunks=chunks, ref_path=ref, progress=_progress(label))
         m = GGUFModel(path)
-        rows.append((label, os.path.getsize(path) / 1e6, m.nbytes * 8 / m.n_weights, r))
+        rows.append((label, os.path.getsize(path) / 1e6, m.nbytes * 8 / m.n_real_weights, r))
     click.echo(f"\nheld-out {text.name}, {rows[0][3].n_scored} scored tokens, ctx 512\n")
     click.echo("| model | size (MB) | bits/weight | PPL | KLD vs source | top-1 |")
     click.echo("|---|---:|---:|---:|---:|---:|")
