@@ -13,7 +13,7 @@ from windq import __version__
 from windq.errors import IllegalTypeError, InputError, PlanError
 from windq.files import atomic_write_text
 from windq.export import registry
-from windq.models.gguf_model import GGUFModel, is_quantizable
+from windq.models.gguf_model import GGUFModel
 
 SCHEMA_VERSION = 1
 _TOP_KEYS = {"schema_version", "model", "method", "granularity", "budget_bpw", "achieved_bpw", "total_bytes", "tensors", "provenance"}

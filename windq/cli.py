@@ -229,6 +229,44 @@ def eval_cmd(model: str, ref: str | None, text: str, ctx: int, chunks: int, thre
     click.echo(line)
 
 
+@main.command("bench")
+@click.option("--model", default="default", show_default=True, help="Model to bench (its aligned twin too).")
+@click.option("--out", default="runs/bench", show_default=True, type=click.Path(file_okay=False), help="Output and cache folder.")
+@click.option("--quick", is_flag=True, help="A CI-sized run: one budget, two mixes, two chunks.")
+@click.option("--budgets", help="Comma-separated bits-per-weight budgets (default 3.0 … 5.5 in steps of 0.5).")
+@click.option("--methods", help="Comma-separated windq methods, e.g. uniform,knapsack,ppo,knapsack@chunk:256.")
+@click.option("--mixes", help="Comma-separated llama.cpp mixes (default: Q2_K … Q8_0, eleven of them).")
+@click.option("--variants", help="unaligned,aligned (default both).")
+@click.option("--chunks", type=int, help="512-token held-out chunks per evaluation (default 128: 32,640 scored tokens).")
+def bench_cmd(model, out, quick, budgets, methods, mixes, variants, chunks) -> None:
+    """Quality versus size, and cost, of windq's plans against llama.cpp's stock mixes.
+
+    Every file is exported and evaluated by llama.cpp; results are cached in OUT/results, so a
+    rerun only does what is missing. Writes OUT/bench.md, OUT/pareto-ppl.png, OUT/pareto-kld.png.
+    """
+    import dataclasses
+
+    from windq.evaluators.bench import BenchConfig, quick_config, run_bench
+
+    cfg = quick_config(model) if quick else BenchConfig(model=model)
+    split = lambda v: tuple(x.strip() for x in v.split(","))  # noqa: E731
+    changes = {}
+    if budgets:
+        changes["budgets"] = tuple(float(b) for b in split(budgets))
+    if methods:
+        changes["methods"] = split(methods)
+    if mixes:
+        changes["mixes"] = split(mixes)
+    if variants:
+        changes["variants"] = split(variants)
+    if chunks:
+        changes["chunks"] = chunks
+    cfg = dataclasses.replace(cfg, **changes)
+    result = run_bench(cfg, out, progress=lambda msg: click.echo(f"… {msg}", err=True))
+    click.echo(result["table"])
+    click.echo(f"wrote {Path(out) / 'bench.md'}, {Path(out) / 'pareto-ppl.png'}, {Path(out) / 'pareto-kld.png'}")
+
+
 @main.command("demo")
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Folder for the outputs.")
 @click.option("--type", "type_name", default="Q8_0", show_default=True, help="The uniform type to plan.")

@@ -1,0 +1,30 @@
+import json
+
+from windq.evaluators.bench import Row, quick_config, run_bench, size_at_equal_ppl
+
+
+def test_quick_bench_runs_end_to_end_and_resumes(synthetic_gguf, tmp_path):
+    cfg = quick_config(str(synthetic_gguf))
+    first = run_bench(cfg, tmp_path)
+    methods = {(r["variant"], r["method"]) for r in first["rows"]}
+    assert ("unaligned", "llama.cpp:Q8_0") in methods and ("aligned", "knapsack") in methods
+    for r in first["rows"]:
+        assert r["ppl"] > 1 and r["kld"] >= 0 and r["gen_tok_s"] > 0
+        if r["budget"] is not None:
+            assert r["bpw"] <= r["budget"] + 1e-9  # exported files honour the budget
+    assert (tmp_path / "pareto-ppl.png").stat().st_size > 0 and "| variant |" in (tmp_path / "bench.md").read_text()
+    # a rerun reads every result from the cache instead of recomputing it
+    cached = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "results").iterdir()}
+    second = run_bench(cfg, tmp_path)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "results").iterdir()} == cached
+    assert json.dumps(first["rows"]) == json.dumps(second["rows"])
+
+
+def test_size_at_equal_ppl_interpolates_the_pareto_front():
+    def row(mb, ppl):
+        return Row("v", "llama.cpp:x", None, mb, 0, ppl, 0, 0, 0, 0)
+
+    stock = [row(50, 20.0), row(100, 10.0), row(80, 30.0)]  # the 80 MB mix is off the front
+    mid = size_at_equal_ppl(float(10 * 2**0.5), stock)  # halfway in log PPL
+    assert abs(mid - 75) < 1e-9
+    assert size_at_equal_ppl(5.0, stock) is None
