@@ -69,9 +69,15 @@ def test_seeded_runs_reproduce_and_policies_transfer(synthetic_gguf, statsdir, t
     assert a.plan.tensors == b.plan.tensors
     assert a.ppo.kl is not None and a.ppo.kl >= 0
     a.policy_model.save(tmp_path / "policy.zip")
-    applied = run_planner(m, statsdir, PlanConfig(bpw=3.5, method="ppo", policy=str(tmp_path / "policy.zip")))
-    assert applied.plan.achieved_bpw <= 3.5
-    validate(applied.plan, m, imatrix_tensors=set(applied.plan.tensors))
+    # zero-shot transfer: a model with another depth and other weights, at another budget
+    from windq.models.synthetic import SyntheticConfig, write_synthetic_gguf
+
+    other = GGUFModel(write_synthetic_gguf(tmp_path / "other.gguf", SyntheticConfig(n_layer=3, seed=5)))
+    cal = calibrate(other, wiki_text("calibration"), CalibrationConfig(tokens=256, ctx=128))
+    other_stats = save_calibration(cal, tmp_path / "other-stats")
+    applied = run_planner(other, other_stats, PlanConfig(bpw=3.5, method="ppo", policy=str(tmp_path / "policy.zip")))
+    assert applied.plan.achieved_bpw <= 3.5 and len(applied.plan.tensors) == len(other.quantizable())
+    validate(applied.plan, other, imatrix_tensors=set(applied.plan.tensors))
 
 
 def test_chunk_plans_report_projection_cost(synthetic_gguf, statsdir):
