@@ -43,7 +43,7 @@ def main(verbose: bool) -> None:
     logging.getLogger("windq.llama").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
-def _progress(desc: str):
+def _progress(desc: str, unit: str = "chunk"):
     """A tqdm bar fed by the library's (done, total) callbacks."""
     from tqdm import tqdm
 
@@ -51,7 +51,7 @@ def _progress(desc: str):
 
     def update(done: int, total: int) -> None:
         if bar["b"] is None:
-            bar["b"] = tqdm(total=total, desc=desc, unit="chunk", leave=False, disable=None)
+            bar["b"] = tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None)
         bar["b"].n = done
         bar["b"].refresh()
         if done >= total:
@@ -66,7 +66,7 @@ def _model_path(spec: str) -> Path:
     return resolve_model(spec)
 
 
-@main.command("calibrate")
+@main.command("calibrate", epilog=EPILOG_MODEL)
 @click.argument("model")
 @click.option("--text", default="wiki", show_default=True, help=TEXT_HELP.replace("for eval", "for eval, the calibration split here"))
 @click.option("--tokens", default=16384, show_default=True, help="Calibration tokens (whole chunks of --ctx).")
@@ -93,7 +93,7 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, out: str) -> Non
     )
 
 
-@main.command("plan")
+@main.command("plan", epilog=EPILOG_MODEL)
 @click.argument("model")
 @click.option("--stats", required=True, type=click.Path(file_okay=False), help="Folder from `windq calibrate` (tables are cached there).")
 @click.option("--bpw", required=True, type=float, help="Budget: bits per weight over the whole file (every tensor's bytes).")
@@ -127,7 +127,7 @@ def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, poli
     bars = {}
 
     def progress(stage, done, total):
-        bars.setdefault(stage, _progress(stage))(done, total)
+        bars.setdefault(stage, _progress(stage, unit={"tables": "job", "ppo": "step"}.get(stage, "chunk")))(done, total)
 
     src = GGUFModel(_model_path(model))
     result = run_planner(src, stats, cfg, progress)
@@ -140,7 +140,7 @@ def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, poli
     click.echo(f"wrote {out} and {png}")
 
 
-@main.command("align")
+@main.command("align", epilog=EPILOG_MODEL)
 @click.argument("model")
 @click.option("--to", default=256, show_default=True, help="Pad widths to a multiple of this (256: K and IQ blocks).")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Aligned F32 GGUF to write.")
@@ -163,7 +163,7 @@ def align_cmd(model: str, to: int, out: str) -> None:
     )
 
 
-@main.command("export")
+@main.command("export", epilog=EPILOG_MODEL)
 @click.argument("model")
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="plan.json from `windq plan`.")
 @click.option("--gguf", "out", required=True, type=click.Path(dir_okay=False), help="GGUF file to write (atomically).")
@@ -202,7 +202,7 @@ def export_cmd(model: str, plan_path: str, out: str, imatrix: str | None, recipe
     )
 
 
-@main.command("eval")
+@main.command("eval", epilog=EPILOG_MODEL.replace("MODEL is", "MODEL and --ref are"))
 @click.argument("model")
 @click.option("--ref", help="Reference GGUF for KLD and top-1 agreement (`default` for the embedded model).")
 @click.option("--text", default="wiki", show_default=True, help=TEXT_HELP)
