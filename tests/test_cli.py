@@ -76,3 +76,11 @@ def test_export_and_eval_through_the_cli(tmp_path, synthetic_gguf, sample_text):
 def test_help_teaches(cmd):
     r = windq(cmd, "--help")
     assert r.returncode == 0 and "Usage:" in r.stdout
+
+
+def test_hub_ids_offline_are_one_clear_line(tmp_path):
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "windq", "eval", "someone/some-model"], capture_output=True, text=True, env=env)
+    assert_one_line_error(r, "someone/some-model", "HF_HUB_OFFLINE")

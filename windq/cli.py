@@ -41,6 +41,9 @@ def main(verbose: bool) -> None:
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("windq.llama").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    # the hub client logs every retry (its level is read from this variable at import); an error
+    # reaches the user as windq's one line instead
+    os.environ.setdefault("HF_HUB_VERBOSITY", "debug" if verbose else "error")
 
 
 def _progress(desc: str, unit: str = "chunk"):
