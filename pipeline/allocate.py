@@ -79,6 +79,11 @@ class Problem:
             )
         return budget
 
+    def min_rest(self) -> np.ndarray:
+        """[i]: the cheapest bytes the units after unit i can still cost."""
+        mins = np.array([u.nbytes.min() for u in self.units], dtype=np.int64)
+        return np.concatenate([np.cumsum(mins[::-1])[::-1][1:], [0]])
+
     def assignment(self, choice: np.ndarray) -> dict[tuple[str, int], str]:
         return {(u.tensor, u.chunk): u.types[c] for u, c in zip(self.units, choice)}
 
@@ -114,8 +119,7 @@ def solve_exact(p: Problem, budget: int, limit: int = EXACT_FRONTIER_LIMIT) -> n
     answer is exact; the frontier is bounded by the budget and pruned to strictly falling error.
     """
     cap = budget - p.fixed_bytes
-    # minimal bytes still needed after unit i, so no state that cannot finish is kept
-    tail = np.concatenate([np.cumsum([u.nbytes.min() for u in p.units][::-1])[::-1][1:], [0]])
+    tail = p.min_rest()  # so no state that cannot finish is kept
     B = np.zeros(1, dtype=np.int64)
     E = np.zeros(1)
     back: list[tuple[np.ndarray, np.ndarray]] = []
@@ -201,12 +205,16 @@ def greedy_fill(p: Problem, choice: np.ndarray, budget: int, *, allow_zero_gain:
         choice[i] = j
 
 
+def _solve(p: Problem, budget: int) -> np.ndarray:
+    """Exact where the Pareto frontier stays small, Lagrangian otherwise."""
+    choice = solve_exact(p, budget)
+    return solve_lagrangian(p, budget) if choice is None else choice
+
+
 def knapsack(p: Problem, bpw: float) -> np.ndarray:
     """Minimum summed proxy error within the budget: exact where the frontier stays small."""
     budget = p.check_budget(bpw)
-    choice = solve_exact(p, budget)
-    if choice is None:
-        choice = solve_lagrangian(p, budget)
+    choice = _solve(p, budget)
     if p.bytes_of(choice) < budget * (1 - SLACK):
         choice = greedy_fill(p, choice, budget, allow_zero_gain=True)
     return choice
@@ -229,7 +237,7 @@ def uniform(p: Problem, bpw: float) -> np.ndarray:
 def random_plan(p: Problem, bpw: float, rng: np.random.Generator) -> np.ndarray:
     """A random legal plan within budget (a baseline): each unit picks among the options it can still afford."""
     budget = p.check_budget(bpw)
-    min_rest = np.concatenate([np.cumsum([u.nbytes.min() for u in p.units][::-1])[::-1][1:], [0]])
+    min_rest = p.min_rest()
     spent = p.fixed_bytes
     choice = np.zeros(len(p.units), dtype=np.int64)
     for i, u in enumerate(p.units):
@@ -254,10 +262,7 @@ def project_to_tensors(chunk_problem: Problem, chunk_choice: np.ndarray, tensor_
         keep = [i for i, t in enumerate(u.types) if t in used[u.tensor]]
         units.append(Unit(u.tensor, 0, tuple(u.types[i] for i in keep), u.nbytes[keep], u.error[keep]))
     restricted = Problem(tuple(units), tensor_problem.fixed_bytes, tensor_problem.n_weights, "tensor")
-    budget = tensor_problem.budget_bytes(bpw)
-    choice = solve_exact(restricted, budget)
-    if choice is None:
-        choice = solve_lagrangian(restricted, budget)
+    choice = _solve(restricted, tensor_problem.budget_bytes(bpw))
     # back to indices of the full tensor problem
     return np.array([tensor_problem.units[i].types.index(restricted.units[i].types[c]) for i, c in enumerate(choice)])
 

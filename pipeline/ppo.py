@@ -123,9 +123,8 @@ class AllocationEnv(gym.Env):
         self.real_loss_scale = real_loss_scale
         self.real_loss_weight = real_loss_weight
         n = len(problem.units)
-        mins = np.array([u.nbytes.min() for u in problem.units], dtype=np.int64)
         maxs = np.array([u.nbytes.max() for u in problem.units], dtype=np.int64)
-        self.min_rest = np.concatenate([np.cumsum(mins[::-1])[::-1][1:], [0]])  # cheapest cost after unit i
+        self.min_rest = problem.min_rest()  # cheapest cost after unit i
         self.max_rest = np.concatenate([np.cumsum(maxs[::-1])[::-1][1:], [0]])
         # error scale: the summed error of the cheapest choice of every unit, so an episode's
         # proxy return lies in about [-1, 0] whatever the model
