@@ -166,6 +166,29 @@ def align_cmd(model: str, to: int, out: str) -> None:
     )
 
 
+@main.command("convert")
+@click.argument("hf_dir", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="GGUF file to write (atomically).")
+@click.option("--outtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True, help="Type of the 2-D weights; norms stay F32.")
+def convert_cmd(hf_dir: str, out: str, outtype: str) -> None:
+    """Convert an HF llama-family checkpoint folder (LlamaForCausalLM, MistralForCausalLM) to GGUF.
+
+    HF_DIR holds config.json, *.safetensors (or pytorch_model*.bin) and tokenizer.json, as written
+    by `save_pretrained` or downloaded from the hub. The llama.cpp pre-tokenizer is chosen by
+    checking that llama.cpp tokenizes a probe text exactly as the HF tokenizer does; a tokenizer
+    no llama.cpp pre-tokenizer reproduces is refused.
+
+    \b
+    Example:
+      windq convert ./SmolLM2-135M-Instruct -o smollm2-f32.gguf
+      windq align smollm2-f32.gguf -o smollm2-aligned.gguf
+    """
+    from windq.models.convert import convert_hf
+
+    r = convert_hf(hf_dir, out, outtype=outtype, progress=_progress("convert", unit="tensor"))
+    click.echo(f"converted {r.architecture}: {r.n_tensors} tensors, {r.n_weights:,} weights ({r.outtype}), vocabulary {r.vocab} → {r.path}")
+
+
 @main.command("export", epilog=EPILOG_MODEL)
 @click.argument("model")
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="plan.json from `windq plan`.")
