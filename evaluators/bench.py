@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,15 +126,15 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
     import gguf
 
     from windq.evaluators.perplexity import evaluate
-    from windq.files import atomic_write_text
+    from windq.files import atomic_output, atomic_write_text
     from windq.export import llama, registry
     from windq.export.quantize import export_gguf
-    from windq.models.align import align_gguf, pad_imatrix
+    from windq.models.align import align_gguf
     from windq.models.gguf_model import GGUFModel
     from windq.models.sources import resolve_model, resolve_text
     from windq.models.tokenizer import Tokenizer
-    from windq.pipeline.calibrate import CalibrationConfig, calibrate, save_calibration
-    from windq.pipeline.imatrix import from_data, load_imatrix, save_imatrix
+    from windq.pipeline.calibrate import CalibrationConfig, calibrate, pad_calibration, save_calibration
+    from windq.pipeline.imatrix import load_imatrix
     from windq.pipeline.planner import PlanConfig, run_planner
 
     say = progress or (lambda _msg: None)
@@ -158,11 +159,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
             timer("align", align_gguf, src, aligned_path)
         models["aligned"] = GGUFModel(aligned_path)
         if not (stats["aligned"] / "imatrix.gguf").exists():
-            base = load_imatrix(stats["unaligned"] / "imatrix.gguf", src)
-            padded = pad_imatrix(base.data, models["aligned"])
-            save_imatrix(from_data(padded), stats["aligned"] / "imatrix.gguf", src.architecture)
-            # the planner's other inputs: same tokens, activation statistics zero-padded, meta for this model
-            _copy_stats_for(stats["unaligned"], stats["aligned"], models["aligned"])
+            pad_calibration(stats["unaligned"], stats["aligned"], models["aligned"])
 
     def cached(key: str, make: Callable[[], Row]) -> Row:
         path = out / "results" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
@@ -190,7 +187,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
             def stock(mix=mix, m=m, im=im, variant=variant) -> Row:
                 path = out / "gguf" / f"{variant}-stock-{mix}.gguf"
                 t0 = time.perf_counter()
-                llama.quantize_file(str(m.path), str(path), ftype=int(gguf.LlamaFileType[f"MOSTLY_{mix}"]), imatrix=im.data)
+                with atomic_output(path) as tmp:  # an interrupted run leaves no half-written mix behind
+                    llama.quantize_file(str(m.path), str(tmp), ftype=int(gguf.LlamaFileType[f"MOSTLY_{mix}"]), imatrix=im.data)
                 return measure(variant, f"llama.cpp:{mix}", None, path, {"quantize": time.perf_counter() - t0})
 
             rows.append(cached(f"{m.sha256}|stock|{mix}|{cfg.chunks}|{cfg.text}", stock))
@@ -213,13 +211,12 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
                     export_gguf(m, res.plan, path, imatrix=im.data)
                     export_s = time.perf_counter() - t0
                     # the same quantization as a bare llama.cpp call, for the export overhead ratio
-                    t0 = time.perf_counter()
-                    bare = path.with_suffix(".bare.gguf")
-                    llama.quantize_file(str(m.path), str(bare), ftype=llama.ftype_for("Q8_0"), pure=True,
-                                        overrides={n: registry.get(t).id for n, t in res.plan.tensors.items()},
-                                        imatrix=im.data)  # fmt: skip
-                    bare_s = time.perf_counter() - t0
-                    bare.unlink()
+                    with tempfile.TemporaryDirectory(dir=out / "gguf") as tmp:
+                        t0 = time.perf_counter()
+                        llama.quantize_file(str(m.path), str(Path(tmp) / "bare.gguf"), ftype=llama.ftype_for("Q8_0"), pure=True,
+                                            overrides={n: registry.get(t).id for n, t in res.plan.tensors.items()},
+                                            imatrix=im.data)  # fmt: skip
+                        bare_s = time.perf_counter() - t0
                     return measure(variant, method, budget, path, {"plan": plan_s, "export": export_s, "bare_quantize": bare_s})
 
                 rows.append(cached(f"{m.sha256}|{method}|{budget}|{cfg.chunks}|{cfg.ppo_episodes}|{cfg.text}", plan_and_eval))
@@ -230,27 +227,6 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
     tok.close()
     raw = raw_decode_seconds(src.path, tokens[: cfg.chunks * 512], 512, cfg.threads)
     return _report(cfg, out, rows, timer, raw)
-
-
-def _copy_stats_for(src_dir: Path, dst_dir: Path, aligned) -> None:
-    import shutil
-
-    from windq.pipeline.calibrate import ACTIVATIONS_FILE, META_FILE, TOKENS_FILE
-
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src_dir / TOKENS_FILE, dst_dir / TOKENS_FILE)
-    with np.load(src_dir / ACTIVATIONS_FILE) as z:
-        padded = {}
-        for key in z.files:
-            v = z[key]
-            p = np.zeros(aligned.tensors[key.split("|")[0]].n_per_row, dtype=v.dtype)
-            p[: len(v)] = v
-            padded[key] = p
-    with open(dst_dir / ACTIVATIONS_FILE, "wb") as f:
-        np.savez(f, **padded)
-    meta = json.loads((src_dir / META_FILE).read_text())
-    meta.update(model=aligned.path.name, model_sha256=aligned.sha256, note="zero-padded from the unaligned calibration")
-    (dst_dir / META_FILE).write_text(json.dumps(meta, indent=1))
 
 
 def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer, raw_decode_s: float) -> dict:

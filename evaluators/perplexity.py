@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -92,47 +92,75 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """PPL of `model_path` on `text`; with `ref_path`, also KLD and top-1 agreement against it."""
-    if ctx < 8 or ctx % 2:
-        raise InputError(f"--ctx {ctx}: use an even context of at least 8 tokens")
-    runner = Runner(model_path, ctx, threads)
-    ref = Runner(ref_path, ctx, threads) if ref_path else None
+    _check_ctx(ctx)
+    GGUFModel(model_path)  # one clear error for a missing file or non-GGUF before llama.cpp sees it
+    tok = Tokenizer(model_path)
     try:
-        tokens = runner.tokenizer.tokenize(text, max_tokens=None if max_chunks is None else max(max_chunks, 2) * ctx)
-        if len(tokens) < 2 * ctx:
-            raise InputError(
-                f"{text_name}: {len(tokens)} tokens; perplexity with a context of {ctx} needs at least {2 * ctx}"
-            )
-        n_chunks = len(tokens) // ctx if max_chunks is None else min(max_chunks, len(tokens) // ctx)
-        first = ctx // 2
-        nll, klds, agree = [], [], []
-        for i in range(n_chunks):
-            chunk = tokens[i * ctx : (i + 1) * ctx]
+        tokens = tok.tokenize(text, max_tokens=None if max_chunks is None else max(max_chunks, 2) * ctx)
+    finally:
+        tok.close()
+    if len(tokens) < 2 * ctx:
+        raise InputError(f"{text_name}: {len(tokens)} tokens; perplexity with a context of {ctx} needs at least {2 * ctx}")
+    n_chunks = len(tokens) // ctx if max_chunks is None else min(max_chunks, len(tokens) // ctx)
+    chunks = tokens[: n_chunks * ctx].reshape(n_chunks, ctx)
+    return evaluate_chunks([model_path], chunks, text_name=text_name, ref_path=ref_path, threads=threads, progress=progress)[0]
+
+
+def evaluate_chunks(
+    model_paths: Sequence[str | Path],
+    chunks: np.ndarray,
+    *,
+    text_name: str = "tokens",
+    ref_path: str | Path | None = None,
+    threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[EvalResult]:
+    """Several models on the same token chunks (n_chunks × ctx), in lockstep, so the reference's
+    logits are computed once per chunk for all of them."""
+    n_chunks, ctx = chunks.shape
+    _check_ctx(ctx)
+    runners = [Runner(p, ctx, threads) for p in model_paths]
+    ref = Runner(ref_path, ctx, threads) if ref_path else None
+    first = ctx // 2
+    nll: list[list[np.ndarray]] = [[] for _ in runners]
+    klds: list[list[np.ndarray]] = [[] for _ in runners]
+    agree: list[list[np.ndarray]] = [[] for _ in runners]
+    try:
+        for i, chunk in enumerate(chunks):
             targets = chunk[first + 1 :]
-            lp = log_softmax(runner.chunk_logits(chunk)[first:-1])
-            nll.append(-lp[np.arange(len(targets)), targets])
-            if ref is not None:
-                lp_ref = log_softmax(ref.chunk_logits(chunk)[first:-1])
-                klds.append((np.exp(lp_ref) * (lp_ref - lp)).sum(axis=-1))
-                agree.append(lp_ref.argmax(axis=-1) == lp.argmax(axis=-1))
+            lp_ref = log_softmax(ref.chunk_logits(chunk)[first:-1]) if ref is not None else None
+            for k, runner in enumerate(runners):
+                lp = log_softmax(runner.chunk_logits(chunk)[first:-1])
+                nll[k].append(-lp[np.arange(len(targets)), targets])
+                if lp_ref is not None:
+                    klds[k].append((np.exp(lp_ref) * (lp_ref - lp)).sum(axis=-1))
+                    agree[k].append(lp_ref.argmax(axis=-1) == lp.argmax(axis=-1))
             if progress:
                 progress(i + 1, n_chunks)
     finally:
-        runner.close()
-        if ref is not None:
-            ref.close()
+        for r in runners + ([ref] if ref is not None else []):
+            r.close()
 
-    nll_all = np.concatenate(nll).astype(np.float64)
-    mean = float(nll_all.mean())
-    # llama-perplexity's uncertainty: the standard error of the mean NLL, carried through exp().
-    stderr = math.exp(mean) * float(nll_all.std(ddof=1) / math.sqrt(len(nll_all)))
-    result = dict(
-        model=str(model_path), text=text_name, ctx=ctx, n_chunks=n_chunks, n_scored=len(nll_all),
-        ppl=math.exp(mean), ppl_stderr=stderr,
-    )  # fmt: skip
-    if ref is not None:
-        kl = np.concatenate(klds).astype(np.float64)
-        result.update(
-            kld=float(kl.mean()), kld_median=float(np.median(kl)),
-            top1=float(np.concatenate(agree).mean()), ref=str(ref_path),
+    results = []
+    for k, path in enumerate(model_paths):
+        nll_all = np.concatenate(nll[k]).astype(np.float64)
+        mean = float(nll_all.mean())
+        # llama-perplexity's uncertainty: the standard error of the mean NLL, carried through exp().
+        stderr = math.exp(mean) * float(nll_all.std(ddof=1) / math.sqrt(len(nll_all)))
+        result = dict(
+            model=str(path), text=text_name, ctx=ctx, n_chunks=n_chunks, n_scored=len(nll_all),
+            ppl=math.exp(mean), ppl_stderr=stderr,
         )  # fmt: skip
-    return EvalResult(**result)
+        if ref is not None:
+            kl = np.concatenate(klds[k]).astype(np.float64)
+            result.update(
+                kld=float(kl.mean()), kld_median=float(np.median(kl)),
+                top1=float(np.concatenate(agree[k]).mean()), ref=str(ref_path),
+            )  # fmt: skip
+        results.append(EvalResult(**result))
+    return results
+
+
+def _check_ctx(ctx: int) -> None:
+    if ctx < 8 or ctx % 2:
+        raise InputError(f"--ctx {ctx}: use an even context of at least 8 tokens")

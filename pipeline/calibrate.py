@@ -239,3 +239,38 @@ def load_tokens(statsdir: str | Path) -> np.ndarray:
     if not path.is_file():
         raise CalibrationError(f"{statsdir}: no {TOKENS_FILE}; run `windq calibrate` first")
     return np.load(path)
+
+
+def pad_calibration(src_dir: str | Path, dst_dir: str | Path, aligned: GGUFModel) -> Path:
+    """A calibration folder of the unaligned model, for its aligned twin (`windq align`).
+
+    The aligned model computes the same function and its padded channels are always exactly zero,
+    so its statistics are the unaligned ones with zeros appended: no second calibration run.
+    """
+    from windq.models.align import pad_imatrix
+    from windq.pipeline.imatrix import from_data, read_imatrix
+
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    im = read_imatrix(src_dir / IMATRIX_FILE)
+    padded = Imatrix(
+        sums=pad_imatrix(im.sums, aligned), counts=dict(im.counts), datasets=list(im.datasets), chunk_count=im.chunk_count,
+        chunk_size=im.chunk_size,
+    )  # fmt: skip
+    save_imatrix(padded, dst_dir / IMATRIX_FILE, aligned.architecture)
+    acts = {}
+    with np.load(src_dir / ACTIVATIONS_FILE) as z:
+        for key in z.files:
+            tensor = key.split("|")[0]
+            acts[key] = pad_imatrix({tensor: z[key]}, aligned)[tensor]
+    with atomic_output(dst_dir / ACTIVATIONS_FILE) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **acts)
+    with atomic_output(dst_dir / TOKENS_FILE) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, load_tokens(src_dir))
+    meta = json.loads((src_dir / META_FILE).read_text())
+    meta.update(
+        model=aligned.path.name, model_sha256=aligned.sha256, padded_from=str(src_dir), padded_from_imatrix_sha256=im.sha256()
+    )
+    atomic_write_text(dst_dir / META_FILE, json.dumps(meta, indent=1) + "\n")
+    return dst_dir

@@ -109,15 +109,22 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, out: str) -> Non
 @click.option("--policy", type=click.Path(dir_okay=False), help="Apply a saved PPO policy instead of training (zero-shot transfer).")
 @click.option("--save-policy", type=click.Path(dir_okay=False), help="Where to save the trained PPO policy.")
 @click.option("--real-loss-tokens", default=256, show_default=True, help="Held-in tokens for PPO's episode-end KL (0: proxy only).")
+@click.option("--align", "align", type=click.Choice(["auto", "none", "256"]), default="auto", show_default=True,
+              help="256: plan the model zero-padded to 256-wide rows (`windq align`), so K and IQ types fit; none: as it is; "
+              "auto: plan both and keep the one llama.cpp measures closer to the source on held-in calibration tokens.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="plan.json to write; the allocation map goes beside it as .png.")
-def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, policy, save_policy, real_loss_tokens, out) -> None:
+def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, policy, save_policy, real_loss_tokens, align, out) -> None:
     """Allocate a ggml type to every tensor of MODEL within a bits-per-weight budget.
 
     Needs `windq calibrate MODEL --out STATS` first. Types that cannot be written (row length,
-    missing importance data) are never offered; the budget is never exceeded.
+    missing importance data) are never offered; the budget is never exceeded. Bits count real
+    weights only, so an aligned plan pays for its padding. With --align auto or 256 the aligned
+    twin and its zero-padded statistics are kept in STATS/aligned-256/; `windq export` re-aligns
+    the original model when the plan asks for it.
     """
     from windq.export import registry
     from windq.models.gguf_model import GGUFModel
+    from windq.pipeline.alignment import aligned_workspace, can_align, plan_with_alignment, with_align_provenance
     from windq.pipeline.planner import PlanConfig, run_planner
     from windq.pipeline.plan import save_plan
     from windq.pipeline.report import allocation_map, summary
@@ -133,7 +140,22 @@ def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, poli
         bars.setdefault(stage, _progress(stage, unit={"tables": "job", "ppo": "step"}.get(stage, "chunk")))(done, total)
 
     src = GGUFModel(_model_path(model))
-    result = run_planner(src, stats, cfg, progress)
+    if align == "none" or (align == "auto" and not can_align(src)):
+        result = run_planner(src, stats, cfg, progress)
+    elif align == "256":
+        aligned, work = aligned_workspace(src, stats)
+        result = run_planner(aligned, work, cfg, progress)
+        result.plan = with_align_provenance(result.plan, src)
+    else:
+        result, _, candidates = plan_with_alignment(src, stats, cfg, progress=progress)
+        for c in candidates:
+            label = "aligned to 256" if c.align else "as it is"
+            if c.unreachable:
+                click.echo(f"{label}: {c.unreachable}")
+            else:
+                kld = "" if c.kld is None else f", held-in KLD {c.kld:.5f}"
+                click.echo(f"{label}: {c.achieved_bpw:.3f} bits per real weight{kld}")
+        click.echo(f"chosen: {'aligned to 256' if result.plan.provenance.get('align') else 'as it is'}")
     save_plan(result.plan, out)
     png = allocation_map(result.plan, Path(out).with_suffix(".png"))
     if save_policy and result.policy_model is not None:
@@ -195,31 +217,43 @@ def convert_cmd(hf_dir: str, out: str, outtype: str) -> None:
 @click.option("--gguf", "out", required=True, type=click.Path(dir_okay=False), help="GGUF file to write (atomically).")
 @click.option("--imatrix", type=click.Path(dir_okay=False), help="imatrix GGUF (windq calibrate or llama-imatrix).")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Also write the plan as a --tensor-type-file for llama-quantize.")
-@click.option("--align", "align_to", type=int, help="Align MODEL first (as `windq align --to N`); the plan must be for the aligned model.")
+@click.option("--align", "align_to", type=int, help="Align MODEL first (as `windq align --to N`). Not needed for a plan from `windq plan --align`: it records the alignment and export redoes it.")
 @click.option("--threads", type=int, default=0, show_default=True, help="Quantizer threads; 0 = all cores.")
 def export_cmd(model: str, plan_path: str, out: str, imatrix: str | None, recipe: str | None, align_to: int | None, threads: int) -> None:
     """Write MODEL quantized as the plan says, through llama.cpp's own quantizer.
 
     The plan is checked against the model first (every tensor named, every type legal for its
     row length); after writing, every tensor's type is read back and compared with the plan.
+    A plan made for MODEL's aligned twin re-aligns MODEL (the transform is deterministic, and the
+    plan's sha256 check confirms the result) and zero-pads an --imatrix made for MODEL.
     """
+    import tempfile
+
+    from windq.errors import CalibrationError
     from windq.export.quantize import export_gguf, write_recipe
+    from windq.models.align import align_gguf, pad_imatrix
     from windq.models.gguf_model import GGUFModel
     from windq.pipeline.imatrix import load_imatrix
     from windq.pipeline.plan import load_plan
 
-    import tempfile
-
-    from windq.models.align import align_gguf
-
     plan = load_plan(plan_path)
     with tempfile.TemporaryDirectory(dir=Path(out).parent if Path(out).parent.is_dir() else None) as tmp:
-        src = GGUFModel(_model_path(model))
+        original = src = GGUFModel(_model_path(model))
+        planned_align = plan.provenance.get("align") or {}
+        if not align_to and planned_align.get("source_sha256") == src.sha256:
+            align_to = planned_align["to"]  # the plan is for this model's aligned twin: remake it
         if align_to:
             src = GGUFModel(align_gguf(src, Path(tmp) / "aligned.gguf", align_to).path)
-        im = load_imatrix(imatrix, src).data if imatrix else None
+        im = None
+        if imatrix:
+            try:
+                im = load_imatrix(imatrix, src).data
+            except CalibrationError:
+                if src is original:
+                    raise
+                im = pad_imatrix(load_imatrix(imatrix, original).data, src)  # the unaligned model's imatrix
         report = export_gguf(src, plan, out, imatrix=im, nthread=threads)
-        del src
+        del src, original
     if recipe:
         write_recipe(plan, recipe)
     click.echo(
