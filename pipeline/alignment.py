@@ -85,7 +85,7 @@ def plan_with_alignment(
         except BudgetError as e:
             unreachable[align] = str(e)
     if not results:
-        raise BudgetError(f"{cfg.bpw} bits per real weight is out of reach with or without alignment: " + "; ".join(unreachable.values()))
+        raise BudgetError(f"as it is, {unreachable[None]}; aligned to {to}, {unreachable[to]}")
 
     measured: dict[int | None, tuple[float, float]] = {}
     tokens = load_tokens(statsdir)[:chunks]

@@ -88,3 +88,5 @@ def test_cli_plan_reports_both_candidates(near_calibrated, tmp_path):
     assert json.loads(out.read_text())["provenance"]["align"]["to"] == 256
     r = windq("plan", str(src.path), "--stats", str(stats), "--bpw", "4.3", "--align", "none", "--out", str(out))
     assert_one_line_error(r, "cannot be reached")
+    r = windq("plan", str(src.path), "--stats", str(stats), "--bpw", "1.0", "--out", str(out))
+    assert_one_line_error(r, "as it is,", "aligned to 256,", "cannot be reached")
