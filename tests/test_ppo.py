@@ -1,3 +1,4 @@
+import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
@@ -30,8 +31,22 @@ def _env(synthetic_gguf, statsdir, bpw=4.0):
     return ppo.AllocationEnv(p, feats, bpw)
 
 
+class _MaskedSampling(gym.spaces.Discrete):
+    """check_env steps with blind `action_space.sample()`; the env refuses masked actions by design
+    (tested below), so here the checker samples as MaskablePPO acts: among the legal actions."""
+
+    def __init__(self, env):
+        super().__init__(env.action_space.n)
+        self.env = env
+
+    def sample(self, mask=None, probability=None):
+        return super().sample(mask=self.env.action_masks().astype(np.int8))
+
+
 def test_env_passes_gymnasiums_checker(synthetic_gguf, statsdir):
-    check_env(_env(synthetic_gguf, statsdir), skip_render_check=True)
+    env = _env(synthetic_gguf, statsdir)
+    env.action_space = _MaskedSampling(env)
+    check_env(env, skip_render_check=True)
 
 
 def test_masks_keep_every_episode_in_budget(synthetic_gguf, statsdir):
