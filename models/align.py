@@ -153,12 +153,14 @@ def align_gguf(model: GGUFModel, out: str | Path, to: int = 256) -> AlignReport:
     return AlignReport(out, g, a, model.n_real_weights, stored)
 
 
+def pad_columns(v: np.ndarray, aligned: GGUFModel, tensor: str) -> np.ndarray:
+    """A per-input-column statistic of `tensor` in the unaligned model, for the aligned one:
+    padded columns carry no activation, so they get zeros."""
+    p = np.zeros(aligned.tensors[tensor].n_per_row, dtype=np.float32)
+    p[: len(v)] = v
+    return p
+
+
 def pad_imatrix(data: dict[str, np.ndarray], aligned: GGUFModel) -> dict[str, np.ndarray]:
-    """An imatrix of the unaligned model, for the aligned one: padded columns carry no activation."""
-    out = {}
-    for name, v in data.items():
-        n = aligned.tensors[name].n_per_row
-        p = np.zeros(n, dtype=np.float32)
-        p[: len(v)] = v
-        out[name] = p
-    return out
+    """An imatrix of the unaligned model, for the aligned one."""
+    return {name: pad_columns(v, aligned, name) for name, v in data.items()}

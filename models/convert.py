@@ -183,6 +183,22 @@ def _llama_tokenize(vocab_gguf: Path, text: str) -> list[int] | None:
         llm.close()
 
 
+def _matching_pre(hf_dir: Path, candidates, write_vocab: Callable[[Path, str | None], None]) -> str | None:
+    """The first candidate pre-tokenizer with which llama.cpp tokenizes the probe text exactly as the
+    HF tokenizer does; `write_vocab(path, candidate)` writes a vocabulary-only GGUF to try."""
+    want = _hf_tokenize(hf_dir, PROBE_TEXT)
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "vocab.gguf"
+        for candidate in candidates:
+            write_vocab(probe, candidate)
+            if _llama_tokenize(probe, PROBE_TEXT) == want:
+                return candidate
+    raise UnsupportedModelError(
+        f"{hf_dir}: no llama.cpp pre-tokenizer ({', '.join(c or 'none' for c in candidates)}) tokenizes like this "
+        "tokenizer.json; refusing to write a model that would see other tokens"
+    )
+
+
 # writing ---------------------------------------------------------------------------------
 
 
@@ -234,20 +250,9 @@ def convert_hf(
     special = gguf.vocab.SpecialVocab(hf_dir, load_merges=vocab[0] == "gpt2", n_vocab=hp.n_vocab)
     name = cfg.get("_name_or_path") or cfg.get("_model_name_or_path") or hf_dir.name
 
-    # the pre-tokenizer whose llama.cpp tokenization matches the HF tokenizer's
-    want = _hf_tokenize(hf_dir, PROBE_TEXT)
-    pre = None
-    with tempfile.TemporaryDirectory() as tmp:
-        probe = Path(tmp) / "vocab.gguf"
-        for candidate in PRE_TOKENIZERS if vocab[0] == "gpt2" else (None,):
-            _write(probe, hp, name, vocab, candidate, special, {}, OUTTYPES[outtype])
-            if _llama_tokenize(probe, PROBE_TEXT) == want:
-                pre = candidate or "-"
-                break
-    if pre is None:
-        raise UnsupportedModelError(
-            f"{hf_dir}: no llama.cpp pre-tokenizer ({', '.join(PRE_TOKENIZERS)}) tokenizes like this tokenizer.json; refusing to write a model that would see other tokens"
-        )
+    # SentencePiece-style vocabularies have no pre-tokenizer: only check that llama.cpp agrees
+    candidates = PRE_TOKENIZERS if vocab[0] == "gpt2" else (None,)
+    pre = _matching_pre(hf_dir, candidates, lambda path, c: _write(path, hp, name, vocab, c, special, {}, OUTTYPES[outtype]))
 
     weights = _load_weights(hf_dir)
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, hp.n_layer)
@@ -274,8 +279,8 @@ def convert_hf(
 
     out = Path(out)
     with atomic_output(out) as tmp:
-        _write(tmp, hp, name, vocab, None if pre == "-" else pre, special, tensors, OUTTYPES[outtype])
+        _write(tmp, hp, name, vocab, pre, special, tensors, OUTTYPES[outtype])
     return ConvertReport(
         out, cfg["architectures"][0], len(tensors), sum(t.size for t in tensors.values()),
-        vocab[0] if pre == "-" else f"{vocab[0]} (pre {pre})", outtype,
+        vocab[0] if pre is None else f"{vocab[0]} (pre {pre})", outtype,
     )  # fmt: skip

@@ -247,8 +247,8 @@ def pad_calibration(src_dir: str | Path, dst_dir: str | Path, aligned: GGUFModel
     The aligned model computes the same function and its padded channels are always exactly zero,
     so its statistics are the unaligned ones with zeros appended: no second calibration run.
     """
-    from windq.models.align import pad_imatrix
-    from windq.pipeline.imatrix import from_data, read_imatrix
+    from windq.models.align import pad_columns, pad_imatrix
+    from windq.pipeline.imatrix import read_imatrix
 
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
     im = read_imatrix(src_dir / IMATRIX_FILE)
@@ -257,11 +257,8 @@ def pad_calibration(src_dir: str | Path, dst_dir: str | Path, aligned: GGUFModel
         chunk_size=im.chunk_size,
     )  # fmt: skip
     save_imatrix(padded, dst_dir / IMATRIX_FILE, aligned.architecture)
-    acts = {}
-    with np.load(src_dir / ACTIVATIONS_FILE) as z:
-        for key in z.files:
-            tensor = key.split("|")[0]
-            acts[key] = pad_imatrix({tensor: z[key]}, aligned)[tensor]
+    with np.load(src_dir / ACTIVATIONS_FILE) as z:  # keys are "tensor|statistic"
+        acts = {key: pad_columns(z[key], aligned, key.split("|")[0]) for key in z.files}
     with atomic_output(dst_dir / ACTIVATIONS_FILE) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **acts)
