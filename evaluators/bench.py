@@ -51,12 +51,28 @@ def quick_config(model: str = "default") -> BenchConfig:
 
 
 @dataclass
-class Row:
+class Built:
+    """One file of the bench: how it was made, its size, and its generation speed."""
+
     variant: str
     method: str  # "llama.cpp:MIX" or windq method[@granularity]
     budget: float | None
+    file: str = ""
+    sha256: str = ""
+    size_mb: float = float("nan")
+    bpw: float = float("nan")  # bits per real weight
+    gen_tok_s: float = float("nan")
+    seconds: dict = field(default_factory=dict)
+    unreachable: bool = False  # the planner refused the budget
+
+
+@dataclass
+class Row:
+    variant: str
+    method: str
+    budget: float | None
     size_mb: float
-    bpw: float  # bits per real weight
+    bpw: float
     ppl: float
     kld: float
     top1: float
@@ -66,13 +82,20 @@ class Row:
 
 
 class Timer:
-    def __init__(self):
-        self.times: dict[str, list[float]] = {}
+    """Wall time of one-off stages (calibration, alignment, tables), kept in a file so that a
+    resumed run still reports the stages an earlier run did."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.times: dict[str, list[float]] = json.loads(path.read_text()) if path.exists() else {}
 
     def __call__(self, stage: str, fn: Callable, *a, **kw):
+        from windq.files import atomic_write_text
+
         t0 = time.perf_counter()
         out = fn(*a, **kw)
         self.times.setdefault(stage, []).append(time.perf_counter() - t0)
+        atomic_write_text(self.path, json.dumps(self.times))
         return out
 
 
@@ -92,20 +115,6 @@ def generation_speed(path: Path, n_tokens: int, threads: int) -> float:
     return out["usage"]["completion_tokens"] / dt
 
 
-def raw_decode_seconds(path: Path, tokens: np.ndarray, ctx: int, threads: int | None) -> float:
-    """llama.cpp's own decode of the same chunks with no windq scoring: the floor eval can reach."""
-    from windq.evaluators.perplexity import Runner
-
-    r = Runner(path, ctx, threads)
-    t0 = time.perf_counter()
-    for i in range(len(tokens) // ctx):
-        r.llm.reset()
-        r.llm.eval(tokens[i * ctx : (i + 1) * ctx].tolist())
-    dt = time.perf_counter() - t0
-    r.close()
-    return dt
-
-
 def size_at_equal_ppl(ppl: float, stock: list[Row]) -> float | None:
     """Size llama.cpp's mixes need for `ppl`, interpolated on their Pareto front (log PPL vs MB)."""
     front = sorted((r.size_mb, r.ppl) for r in stock)
@@ -122,29 +131,149 @@ def size_at_equal_ppl(ppl: float, stock: list[Row]) -> float | None:
     return None
 
 
-def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None] | None = None) -> dict:
-    import gguf
+class EvalCache:
+    """Per-chunk scores of one file against one reference, grown one chunk at a time.
 
-    from windq.evaluators.perplexity import evaluate
-    from windq.files import atomic_output, atomic_write_text
-    from windq.export import llama, registry
-    from windq.export.quantize import export_gguf
-    from windq.models.align import align_gguf
+    Chunk i's tokens do not depend on how many chunks a run asks for, so a 12-chunk run's scores
+    are the first 12 of a 128-chunk run's, and an interrupted evaluation loses at most one chunk.
+    """
+
+    FIELDS = ("nll", "kld", "agree", "load_s", "decode_s", "score_s", "ref_s")
+
+    def __init__(self, folder: Path, file_sha: str, ref_sha: str, text: str, ctx: int):
+        key = hashlib.sha256(f"{file_sha}|{ref_sha}|{text}|{ctx}".encode()).hexdigest()[:16]
+        self.path = folder / f"{key}.npz"
+        self.data: dict[str, list] = {k: [] for k in self.FIELDS}
+        if self.path.exists():
+            with np.load(self.path) as z:
+                self.data = {k: list(z[k]) for k in self.FIELDS}
+
+    def __len__(self) -> int:
+        return len(self.data["nll"])
+
+    def append(self, scores, **seconds: float) -> None:
+        from windq.files import atomic_output
+
+        self.data["nll"].append(scores.nll)
+        self.data["kld"].append(scores.kld)
+        self.data["agree"].append(scores.agree)
+        for k, v in seconds.items():
+            self.data[k].append(v)
+        with atomic_output(self.path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in self.data.items()})
+
+    def scores(self, n: int) -> list:
+        from windq.evaluators.perplexity import ChunkScores
+
+        return [ChunkScores(*(self.data[k][i] for k in ("nll", "kld", "agree"))) for i in range(n)]
+
+    def seconds(self, n: int) -> dict[str, float]:
+        return {k: float(np.sum(self.data[k][:n])) for k in ("load_s", "decode_s", "score_s", "ref_s")}
+
+
+def evaluate_lockstep(
+    files: list[Path], caches: list[EvalCache], chunks: np.ndarray, ref: Path, threads: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:  # fmt: skip
+    """Bring every file's cache to len(chunks) chunks, all files in lockstep, chunk by chunk.
+
+    The reference is decoded once per chunk for all files, and every file is loaded for its
+    chunk and closed after it (mmap from the page cache: a few per cent of a decode), so memory
+    stays that of one model however many files there are, and at any moment every file has been
+    scored on the same tokens.
+    """
+    from windq.evaluators.perplexity import Runner, log_softmax, score_logprobs
+
+    ctx = chunks.shape[1]
+    start = min((len(c) for c in caches), default=len(chunks))
+    if start >= len(chunks):
+        return
+    ref_runner = Runner(ref, ctx, threads)
+    try:
+        for i in range(start, len(chunks)):
+            todo = [(f, c) for f, c in zip(files, caches) if len(c) == i]
+            t0 = time.perf_counter()
+            lp_ref = log_softmax(ref_runner.scored_logits(chunks[i]))
+            ref_share = (time.perf_counter() - t0) / max(len(todo), 1)
+            for f, c in todo:
+                t0 = time.perf_counter()
+                r = Runner(f, ctx, threads)
+                t1 = time.perf_counter()
+                try:
+                    logits = r.scored_logits(chunks[i])
+                finally:
+                    r.close()
+                t2 = time.perf_counter()
+                s = score_logprobs(log_softmax(logits), chunks[i][ctx // 2 + 1 :], lp_ref)
+                c.append(s, load_s=t1 - t0, decode_s=t2 - t1, score_s=time.perf_counter() - t2, ref_s=ref_share)
+            if progress:
+                progress(i + 1, len(chunks))
+    finally:
+        ref_runner.close()
+
+
+def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None] | None = None) -> dict:
+    """Build every file (cached), evaluate them all in lockstep (cached per chunk), report."""
+    from windq.evaluators.perplexity import summarize
     from windq.models.gguf_model import GGUFModel
     from windq.models.sources import resolve_model, resolve_text
     from windq.models.tokenizer import Tokenizer
-    from windq.pipeline.calibrate import CalibrationConfig, calibrate, pad_calibration, save_calibration
-    from windq.pipeline.imatrix import load_imatrix
-    from windq.pipeline.planner import PlanConfig, run_planner
 
     say = progress or (lambda _msg: None)
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timer = Timer(out / "stages.json")
+    src = GGUFModel(resolve_model(cfg.model))
+    built = _build_all(cfg, out, src, timer, say)
+
+    text = resolve_text(cfg.text, "evaluation")
+    ctx = 512
+    tok = Tokenizer(src.path)
+    try:
+        tokens = tok.tokenize(text.content, max_tokens=max(cfg.chunks, 2) * ctx)
+    finally:
+        tok.close()
+    n = min(cfg.chunks, len(tokens) // ctx)
+    chunks = tokens[: n * ctx].reshape(n, ctx)
+    # a plan can come out byte-identical to another (PPO that keeps its knapsack warm start): one evaluation each
+    files = {b.sha256: out / b.file for b in built if not b.unreachable}
+    caches = {sha: EvalCache(out / "evals", sha, src.sha256, text.name, ctx) for sha in files}
+    (out / "evals").mkdir(parents=True, exist_ok=True)
+    say(f"evaluate {len(files)} files on {n} chunks of {ctx} (from chunk {min((len(c) for c in caches.values()), default=n)})")
+    evaluate_lockstep(list(files.values()), list(caches.values()), chunks, src.path, cfg.threads,
+                      progress=lambda i, total: say(f"chunk {i}/{total}"))  # fmt: skip
+
+    rows = []
+    for b in built:
+        if b.unreachable:
+            rows.append(Row(b.variant, b.method, b.budget, *[float("nan")] * 6, 0, {"unreachable": True}))
+            continue
+        c = caches[b.sha256]
+        r = summarize(b.file, c.scores(n), ctx=ctx, text_name=text.name, ref=src.path)
+        secs = c.seconds(n)
+        seconds = {**b.seconds, "eval": sum(secs.values()), "decode": secs["decode_s"]}
+        rows.append(Row(b.variant, b.method, b.budget, b.size_mb, b.bpw, r.ppl, r.kld, r.top1, b.gen_tok_s, r.n_scored, seconds))
+    return _report(cfg, out, rows, timer)
+
+
+def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[str], None]) -> list[Built]:
+    """Every stock mix and every plan of the config, exported once; cached in OUT/results."""
+    import gguf
+
+    from windq.errors import BudgetError
+    from windq.export import llama, registry
+    from windq.export.quantize import export_gguf
+    from windq.files import atomic_output, atomic_write_text
+    from windq.models.align import align_gguf
+    from windq.models.gguf_model import GGUFModel, file_sha256
+    from windq.models.sources import resolve_text
+    from windq.pipeline.calibrate import CalibrationConfig, calibrate, pad_calibration, save_calibration
+    from windq.pipeline.imatrix import load_imatrix
+    from windq.pipeline.planner import PlanConfig, run_planner
+    from windq.pipeline.sensitivity import cache_path, load_or_compute
+
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "gguf").mkdir(exist_ok=True)
-    timer = Timer()
-    src = GGUFModel(resolve_model(cfg.model))
-    text = resolve_text(cfg.text, "evaluation")
-
     # one imatrix for everything, from the unaligned model; the aligned twin gets it zero-padded
     stats = {"unaligned": out / "stats-unaligned", "aligned": out / "stats-aligned"}
     if not (stats["unaligned"] / "imatrix.gguf").exists():
@@ -161,50 +290,50 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
         if not (stats["aligned"] / "imatrix.gguf").exists():
             pad_calibration(stats["unaligned"], stats["aligned"], models["aligned"])
 
-    def cached(key: str, make: Callable[[], Row]) -> Row:
+    def cached(key: str, make: Callable[[], Built]) -> Built:
         path = out / "results" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
         if path.exists():
-            return Row(**json.loads(path.read_text()))
-        row = make()
-        atomic_write_text(path, json.dumps(asdict(row)))
-        return row
+            return Built(**json.loads(path.read_text()))
+        b = make()
+        atomic_write_text(path, json.dumps(asdict(b)))
+        return b
 
-    def measure(variant: str, method: str, budget: float | None, gguf_path: Path, seconds: dict) -> Row:
-        say(f"eval {variant} {method} {budget or ''}")
-        t0 = time.perf_counter()
-        r = evaluate(gguf_path, text.content, text_name=text.name, max_chunks=cfg.chunks, ref_path=src.path, threads=cfg.threads)
-        seconds["eval"] = time.perf_counter() - t0
-        m = GGUFModel(gguf_path)
-        speed = generation_speed(gguf_path, cfg.speed_tokens, cfg.threads)
-        return Row(variant, method, budget, os.path.getsize(gguf_path) / 1e6, m.nbytes * 8 / m.n_real_weights,
-                   r.ppl, r.kld, r.top1, speed, r.n_scored, seconds)  # fmt: skip
+    def finish(b: Built, path: Path) -> Built:
+        m = GGUFModel(path)
+        b.file, b.sha256 = str(path.relative_to(out)), file_sha256(path)
+        b.size_mb, b.bpw = os.path.getsize(path) / 1e6, m.nbytes * 8 / m.n_real_weights
+        b.gen_tok_s = generation_speed(path, cfg.speed_tokens, cfg.threads)
+        return b
 
-    rows: list[Row] = []
+    built: list[Built] = []
     for variant in cfg.variants:
         m = models[variant]
         im = load_imatrix(stats[variant] / "imatrix.gguf", m)
+        base = f"{m.sha256}|{im.sha256()}"
+        if cfg.budgets and cfg.methods and not cache_path(m, im.sha256(), stats[variant]).is_file():
+            say(f"sensitivity tables {variant}")
+            timer(f"tables ({variant})", load_or_compute, m, im.data, stats[variant], imatrix_sha256=im.sha256(), threads=cfg.threads)
         for mix in cfg.mixes:
-            def stock(mix=mix, m=m, im=im, variant=variant) -> Row:
+            def stock(mix=mix, m=m, im=im, variant=variant) -> Built:
+                say(f"quantize {variant} {mix}")
                 path = out / "gguf" / f"{variant}-stock-{mix}.gguf"
                 t0 = time.perf_counter()
                 with atomic_output(path) as tmp:  # an interrupted run leaves no half-written mix behind
                     llama.quantize_file(str(m.path), str(tmp), ftype=int(gguf.LlamaFileType[f"MOSTLY_{mix}"]), imatrix=im.data)
-                return measure(variant, f"llama.cpp:{mix}", None, path, {"quantize": time.perf_counter() - t0})
+                return finish(Built(variant, f"llama.cpp:{mix}", None, seconds={"quantize": time.perf_counter() - t0}), path)
 
-            rows.append(cached(f"{m.sha256}|stock|{mix}|{cfg.chunks}|{cfg.text}", stock))
+            built.append(cached(f"{base}|stock|{mix}", stock))
         for budget in cfg.budgets:
             for method in cfg.methods:
                 name, _, gran = method.partition("@")
-                def plan_and_eval(name=name, gran=gran or "tensor", budget=budget, m=m, im=im, variant=variant, method=method) -> Row:
-                    from windq.errors import BudgetError
-
+                def plan_and_export(name=name, gran=gran or "tensor", budget=budget, m=m, im=im, variant=variant, method=method) -> Built:
+                    say(f"plan {variant} {method} {budget}")
                     t0 = time.perf_counter()
                     try:
                         res = run_planner(m, stats[variant], PlanConfig(
                             bpw=budget, method=name, granularity=gran, episodes=cfg.ppo_episodes, threads=cfg.threads))  # fmt: skip
                     except BudgetError:
-                        return Row(variant, method, budget, float("nan"), float("nan"), float("nan"), float("nan"),
-                                   float("nan"), float("nan"), 0, {"unreachable": True})  # fmt: skip
+                        return Built(variant, method, budget, unreachable=True)
                     plan_s = time.perf_counter() - t0
                     path = out / "gguf" / f"{variant}-{method.replace(':', '')}-{budget}.gguf"
                     t0 = time.perf_counter()
@@ -217,27 +346,27 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
                                             overrides={n: registry.get(t).id for n, t in res.plan.tensors.items()},
                                             imatrix=im.data)  # fmt: skip
                         bare_s = time.perf_counter() - t0
-                    return measure(variant, method, budget, path, {"plan": plan_s, "export": export_s, "bare_quantize": bare_s})
+                    return finish(Built(variant, method, budget, seconds={"plan": plan_s, "export": export_s, "bare_quantize": bare_s}), path)
 
-                rows.append(cached(f"{m.sha256}|{method}|{budget}|{cfg.chunks}|{cfg.ppo_episodes}|{cfg.text}", plan_and_eval))
-
-    # the floor for eval: raw decode of the same tokens by llama.cpp
-    tok = Tokenizer(src.path)
-    tokens = tok.tokenize(text.content, max_tokens=max(cfg.chunks, 2) * 512)
-    tok.close()
-    raw = raw_decode_seconds(src.path, tokens[: cfg.chunks * 512], 512, cfg.threads)
-    return _report(cfg, out, rows, timer, raw)
+                built.append(cached(f"{base}|{method}|{budget}|{cfg.ppo_episodes}", plan_and_export))
+    return built
 
 
-def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer, raw_decode_s: float) -> dict:
+def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from windq.files import atomic_output, atomic_write_text
+
     ok = [r for r in rows if not r.seconds.get("unreachable")]
     stock = [r for r in ok if r.method.startswith("llama.cpp:")]
+    n_scored = max((r.n_scored for r in ok), default=0)  # evaluated in lockstep: the same tokens for every file
     lines = [
+        f"{cfg.model} and its aligned twin; held-out `{cfg.text}` text, {n_scored:,} scored tokens per file "
+        "(512-token chunks, second half scored); KLD against the source.",
+        "",
         "| variant | method | budget | size (MB) | bits/real weight | PPL | KLD | top-1 | gen tok/s (2 thr) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -270,24 +399,25 @@ def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer, raw_deco
     med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
     plan_rows = [r for r in ok if "plan" in r.seconds]
     export_ratio = med([r.seconds["export"] / r.seconds["bare_quantize"] for r in plan_rows if r.seconds.get("bare_quantize")])
-    eval_s = med([r.seconds["eval"] for r in ok if r.variant == "unaligned"])
+    eval_ratio = med([r.seconds["eval"] / r.seconds["decode"] for r in ok])
     stage = {k: med(v) for k, v in timer.times.items()}
-    stage.update({
-        "plan (median)": med([r.seconds["plan"] for r in plan_rows]),
-        "export (median)": med([r.seconds["export"] for r in plan_rows]),
-        "eval with KLD (median, unaligned)": eval_s,
-        "raw llama.cpp decode of the same tokens": raw_decode_s,
-    })  # fmt: skip
-    for name in {r.method for r in plan_rows}:
+    stage["llama.cpp quantize of a stock mix (median)"] = med([r.seconds["quantize"] for r in ok if "quantize" in r.seconds])
+    for name in sorted({r.method for r in plan_rows}):
         stage[f"plan {name} (median)"] = med([r.seconds["plan"] for r in plan_rows if r.method == name])
+    stage.update({
+        "export (median)": med([r.seconds["export"] for r in plan_rows]),
+        "bare llama_model_quantize, same overrides (median)": med([r.seconds["bare_quantize"] for r in plan_rows]),
+        "eval of one file with KLD (median)": med([r.seconds["eval"] for r in ok]),
+        "llama.cpp decode within it (median)": med([r.seconds["decode"] for r in ok]),
+    })  # fmt: skip
     lines += ["", "| stage | wall time (s) |", "|---|---:|"] + [f"| {k} | {v:.1f} |" for k, v in stage.items()]
     lines += [
         "",
-        f"export ÷ bare `llama_model_quantize` with the same overrides (median): {export_ratio:.2f}",
-        f"eval with KLD (model + reference) ÷ raw decode of one model: {eval_s / raw_decode_s:.2f}",
+        f"export ÷ bare `llama_model_quantize` with the same overrides (median over plans): {export_ratio:.2f}",
+        f"eval (load, decode, scoring, share of the reference's decode) ÷ llama.cpp's decode of the same file (median over files): {eval_ratio:.2f}",
     ]
     table = "\n".join(lines) + "\n"
-    (out / "bench.md").write_text(table)
+    atomic_write_text(out / "bench.md", table)
 
     for metric, fname in (("ppl", "pareto-ppl.png"), ("kld", "pareto-kld.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -304,9 +434,10 @@ def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer, raw_deco
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
+        with atomic_output(out / fname) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
     summary = {"rows": [asdict(r) for r in rows], "ratios": ratios, "stages": stage, "export_ratio": export_ratio,
-               "eval_ratio": eval_s / raw_decode_s, "config": asdict(cfg)}  # fmt: skip
-    (out / "bench.json").write_text(json.dumps(summary, indent=1, default=str))
+               "eval_ratio": eval_ratio, "config": asdict(cfg)}  # fmt: skip
+    atomic_write_text(out / "bench.json", json.dumps(summary, indent=1, default=str))
     return {"table": table, **summary}

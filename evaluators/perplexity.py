@@ -18,7 +18,7 @@ import numpy as np
 
 from windq.errors import InputError
 from windq.export import llama
-from windq.models.gguf_model import GGUFModel
+from windq.models.gguf_model import check_gguf
 from windq.models.tokenizer import Tokenizer
 
 
@@ -52,32 +52,88 @@ class Runner:
     """One model loaded in llama.cpp for whole-chunk scoring."""
 
     def __init__(self, path: str | Path, ctx: int, threads: int | None = None):
-        GGUFModel(path)  # one clear error for a missing file or non-GGUF before llama.cpp sees it
-        llama.llama_cpp()
+        check_gguf(path)
+        lib = llama.llama_cpp()
         from llama_cpp import Llama
 
         self.path = Path(path)
         try:
             self.llm = Llama(
-                model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
+                model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx,
                 n_threads=threads or os.cpu_count(), n_threads_batch=threads or os.cpu_count(), verbose=False,
             )  # fmt: skip
         except Exception as e:
             raise InputError(f"{path}: llama.cpp could not load the model ({llama.last_error()})") from e
         self.ctx = ctx
         self.tokenizer = Tokenizer(path, self.llm)
+        self._lib = lib
+        self._batch = lib.llama_batch_init(ctx, 0, 1)
 
-    def chunk_logits(self, tokens: np.ndarray) -> np.ndarray:
-        """Logits (ctx × vocab) of one chunk evaluated from an empty cache."""
-        chunk = tokens.tolist()
+    def scored_logits(self, tokens: np.ndarray) -> np.ndarray:
+        """Logits ((ctx/2 - 1) × vocab) at positions ctx/2 … ctx-2 of one chunk evaluated from an
+        empty cache. Only those positions get logits: the output head on the unscored half
+        would be a tenth of the decode spent for nothing."""
+        lib, ctx, first = self._lib, self.ctx, self.ctx // 2
+        chunk = [int(t) for t in tokens]
         if self.tokenizer.add_bos:
             chunk[0] = self.tokenizer.bos
-        self.llm.reset()
-        self.llm.eval(chunk)
-        return np.array(self.llm.scores[: len(chunk)], dtype=np.float32)
+        b = self._batch
+        for i, t in enumerate(chunk):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, i, 1, first <= i < ctx - 1
+            b.seq_id[i][0] = 0
+        b.n_tokens = ctx
+        c = self.llm._ctx.ctx
+        lib.llama_memory_clear(lib.llama_get_memory(c), True)
+        if lib.llama_decode(c, b) != 0:
+            raise InputError(f"{self.path}: llama.cpp could not decode a chunk of {ctx} tokens")
+        n_vocab = self.llm.n_vocab()
+        out = np.empty((ctx - 1 - first, n_vocab), dtype=np.float32)
+        for k in range(len(out)):
+            out[k] = np.ctypeslib.as_array(lib.llama_get_logits_ith(c, first + k), shape=(n_vocab,))
+        return out
 
     def close(self) -> None:
+        self._lib.llama_batch_free(self._batch)
         self.llm.close()
+
+
+@dataclass
+class ChunkScores:
+    """Per scored token of one chunk: NLL of the next token, and against a reference the KL
+    divergence and whether both argmaxes agree."""
+
+    nll: np.ndarray
+    kld: np.ndarray | None = None
+    agree: np.ndarray | None = None
+
+
+def score_chunk(runner: Runner, chunk: np.ndarray, lp_ref: np.ndarray | None = None) -> ChunkScores:
+    """Score one chunk; `lp_ref` is the reference's log-softmax at the same positions."""
+    return score_logprobs(log_softmax(runner.scored_logits(chunk)), chunk[runner.ctx // 2 + 1 :], lp_ref)
+
+
+def score_logprobs(lp: np.ndarray, targets: np.ndarray, lp_ref: np.ndarray | None = None) -> ChunkScores:
+    """Scores from log-probabilities at the scored positions and the tokens that follow them."""
+    nll = -lp[np.arange(len(targets)), targets]
+    if lp_ref is None:
+        return ChunkScores(nll)
+    return ChunkScores(nll, (np.exp(lp_ref) * (lp_ref - lp)).sum(axis=-1), lp_ref.argmax(axis=-1) == lp.argmax(axis=-1))
+
+
+def summarize(model: str | Path, scores: Sequence[ChunkScores], *, ctx: int, text_name: str, ref: str | Path | None = None) -> EvalResult:
+    """One EvalResult from the scores of every chunk."""
+    nll = np.concatenate([s.nll for s in scores]).astype(np.float64)
+    mean = float(nll.mean())
+    # llama-perplexity's uncertainty: the standard error of the mean NLL, carried through exp().
+    stderr = math.exp(mean) * float(nll.std(ddof=1) / math.sqrt(len(nll)))
+    result = dict(model=str(model), text=text_name, ctx=ctx, n_chunks=len(scores), n_scored=len(nll), ppl=math.exp(mean), ppl_stderr=stderr)
+    if ref is not None:
+        kl = np.concatenate([s.kld for s in scores]).astype(np.float64)
+        result.update(
+            kld=float(kl.mean()), kld_median=float(np.median(kl)),
+            top1=float(np.concatenate([s.agree for s in scores]).mean()), ref=str(ref),
+        )  # fmt: skip
+    return EvalResult(**result)
 
 
 def evaluate(
@@ -93,7 +149,7 @@ def evaluate(
 ) -> EvalResult:
     """PPL of `model_path` on `text`; with `ref_path`, also KLD and top-1 agreement against it."""
     _check_ctx(ctx)
-    GGUFModel(model_path)  # one clear error for a missing file or non-GGUF before llama.cpp sees it
+    check_gguf(model_path)
     tok = Tokenizer(model_path)
     try:
         tokens = tok.tokenize(text, max_tokens=None if max_chunks is None else max(max_chunks, 2) * ctx)
@@ -121,44 +177,18 @@ def evaluate_chunks(
     _check_ctx(ctx)
     runners = [Runner(p, ctx, threads) for p in model_paths]
     ref = Runner(ref_path, ctx, threads) if ref_path else None
-    first = ctx // 2
-    nll: list[list[np.ndarray]] = [[] for _ in runners]
-    klds: list[list[np.ndarray]] = [[] for _ in runners]
-    agree: list[list[np.ndarray]] = [[] for _ in runners]
+    scores: list[list[ChunkScores]] = [[] for _ in runners]
     try:
         for i, chunk in enumerate(chunks):
-            targets = chunk[first + 1 :]
-            lp_ref = log_softmax(ref.chunk_logits(chunk)[first:-1]) if ref is not None else None
+            lp_ref = log_softmax(ref.scored_logits(chunk)) if ref is not None else None
             for k, runner in enumerate(runners):
-                lp = log_softmax(runner.chunk_logits(chunk)[first:-1])
-                nll[k].append(-lp[np.arange(len(targets)), targets])
-                if lp_ref is not None:
-                    klds[k].append((np.exp(lp_ref) * (lp_ref - lp)).sum(axis=-1))
-                    agree[k].append(lp_ref.argmax(axis=-1) == lp.argmax(axis=-1))
+                scores[k].append(score_chunk(runner, chunk, lp_ref))
             if progress:
                 progress(i + 1, n_chunks)
     finally:
         for r in runners + ([ref] if ref is not None else []):
             r.close()
-
-    results = []
-    for k, path in enumerate(model_paths):
-        nll_all = np.concatenate(nll[k]).astype(np.float64)
-        mean = float(nll_all.mean())
-        # llama-perplexity's uncertainty: the standard error of the mean NLL, carried through exp().
-        stderr = math.exp(mean) * float(nll_all.std(ddof=1) / math.sqrt(len(nll_all)))
-        result = dict(
-            model=str(path), text=text_name, ctx=ctx, n_chunks=n_chunks, n_scored=len(nll_all),
-            ppl=math.exp(mean), ppl_stderr=stderr,
-        )  # fmt: skip
-        if ref is not None:
-            kl = np.concatenate(klds[k]).astype(np.float64)
-            result.update(
-                kld=float(kl.mean()), kld_median=float(np.median(kl)),
-                top1=float(np.concatenate(agree[k]).mean()), ref=str(ref_path),
-            )  # fmt: skip
-        results.append(EvalResult(**result))
-    return results
+    return [summarize(p, s, ctx=ctx, text_name=text_name, ref=ref_path) for p, s in zip(model_paths, scores)]
 
 
 def _check_ctx(ctx: int) -> None:

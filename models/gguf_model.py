@@ -48,17 +48,26 @@ def is_quantizable(t: TensorInfo) -> bool:
     return "_norm.weight" not in t.name and "ffn_gate_inp.weight" not in t.name
 
 
+def check_gguf(path: str | Path) -> Path:
+    """One clear error for a missing file or a non-GGUF, before llama.cpp or gguf-py sees it.
+
+    Cheap on purpose: parsing the whole header with gguf-py takes seconds on a 49k-token vocabulary.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise InputError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
+    return path
+
+
 class GGUFModel:
     """Opens a GGUF once; tensors are memory-mapped by gguf-py."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"{self.path}: no such file")
-        with open(self.path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise InputError(f"{self.path}: not a GGUF file (it does not start with the GGUF magic)")
+        self.path = check_gguf(path)
         try:
             self.reader = gguf.GGUFReader(self.path)
         except Exception as e:  # gguf-py raises bare ValueError/struct errors on damaged files

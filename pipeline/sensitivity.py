@@ -202,6 +202,13 @@ def cache_key(model_sha256: str, imatrix_sha256: str | None, group: int | None, 
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
+def cache_path(
+    model: GGUFModel, imatrix_sha256: str | None, cache_dir: str | Path, *, group: int | None = 256, allowed: tuple[str, ...] | None = None
+) -> Path:
+    key = cache_key(model.sha256, imatrix_sha256, group, allowed)
+    return Path(cache_dir) / f"sensitivity-{'row' if group is None else f'g{group}'}-{key}.npz"
+
+
 def load_or_compute(
     model: GGUFModel,
     imatrix: Mapping[str, np.ndarray] | None,
@@ -213,8 +220,7 @@ def load_or_compute(
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Tables:
-    key = cache_key(model.sha256, imatrix_sha256, group, allowed)
-    path = Path(cache_dir) / f"sensitivity-{'row' if group is None else f'g{group}'}-{key}.npz"
+    path = cache_path(model, imatrix_sha256, cache_dir, group=group, allowed=allowed)
     if path.is_file():
         return Tables.load(path)
     tables = compute_tables(

@@ -28,3 +28,35 @@ def test_size_at_equal_ppl_interpolates_the_pareto_front():
     mid = size_at_equal_ppl(float(10 * 2**0.5), stock)  # halfway in log PPL
     assert abs(mid - 75) < 1e-9
     assert size_at_equal_ppl(5.0, stock) is None
+
+
+def test_lockstep_eval_resumes_chunk_by_chunk_to_the_same_scores(synthetic_gguf, sample_text, tmp_path):
+    """An evaluation stopped after one chunk and resumed scores exactly what one uninterrupted
+    pass scores, and both equal evaluate_chunks (no cache, one runner per model)."""
+    from windq.evaluators.bench import EvalCache, evaluate_lockstep
+    from windq.evaluators.perplexity import evaluate_chunks, summarize
+    from windq.models.tokenizer import Tokenizer
+
+    from helpers import stock_quantize
+
+    q8 = stock_quantize(synthetic_gguf, tmp_path / "q8.gguf", "Q8_0").path
+    tok = Tokenizer(synthetic_gguf)
+    chunks = tok.tokenize(sample_text)[: 3 * 64].reshape(3, 64)
+    tok.close()
+    files = [synthetic_gguf, q8]
+
+    def caches(folder):
+        return [EvalCache(folder, str(f), "ref", "sample", 64) for f in files]
+
+    resumed = caches(tmp_path / "a")
+    evaluate_lockstep(files, resumed, chunks[:1], synthetic_gguf, threads=2)
+    assert [len(c) for c in resumed] == [1, 1]
+    resumed = caches(tmp_path / "a")  # as a new run would: read back from disk
+    evaluate_lockstep(files, resumed, chunks, synthetic_gguf, threads=2)
+    once = caches(tmp_path / "b")
+    evaluate_lockstep(files, once, chunks, synthetic_gguf, threads=2)
+    direct = evaluate_chunks(files, chunks, text_name="sample", ref_path=synthetic_gguf, threads=2)
+    for a, b, d in zip(resumed, once, direct):
+        ra, rb = (summarize(d.model, c.scores(3), ctx=64, text_name="sample", ref=synthetic_gguf) for c in (a, b))
+        assert ra == rb == d
+    assert direct[0].kld == 0.0 and direct[1].kld > 0  # the reference against itself, and Q8_0 against it
