@@ -239,9 +239,14 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
     files = {b.sha256: out / b.file for b in built if not b.unreachable}
     caches = {sha: EvalCache(out / "evals", sha, src.sha256, text.name, ctx) for sha in files}
     (out / "evals").mkdir(parents=True, exist_ok=True)
-    say(f"evaluate {len(files)} files on {n} chunks of {ctx} (from chunk {min((len(c) for c in caches.values()), default=n)})")
-    evaluate_lockstep(list(files.values()), list(caches.values()), chunks, src.path, cfg.threads,
-                      progress=lambda i, total: say(f"chunk {i}/{total}"))  # fmt: skip
+    start, t0 = min((len(c) for c in caches.values()), default=n), time.perf_counter()
+    say(f"evaluate {len(files)} files on {n} chunks of {ctx} (from chunk {start})")
+
+    def chunk_done(i: int, total: int) -> None:
+        per = (time.perf_counter() - t0) / (i - start)
+        say(f"chunk {i}/{total} ({per / 60:.1f} min per chunk, about {per * (total - i) / 60:.0f} min left)")
+
+    evaluate_lockstep(list(files.values()), list(caches.values()), chunks, src.path, cfg.threads, progress=chunk_done)
 
     rows = []
     for b in built:

@@ -14,9 +14,12 @@ def test_quick_bench_runs_end_to_end_and_resumes(synthetic_gguf, tmp_path):
             assert r["bpw"] <= r["budget"] + 1e-9  # exported files honour the budget
     assert (tmp_path / "pareto-ppl.png").stat().st_size > 0 and "| variant |" in (tmp_path / "bench.md").read_text()
     # a rerun reads every result from the cache instead of recomputing it
-    cached = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "results").iterdir()}
+    def cache():
+        return {p.name: p.stat().st_mtime_ns for d in ("results", "evals", "gguf") for p in (tmp_path / d).iterdir()}
+
+    cached = cache()
     second = run_bench(cfg, tmp_path)
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "results").iterdir()} == cached
+    assert cache() == cached
     assert json.dumps(first["rows"]) == json.dumps(second["rows"])
 
 

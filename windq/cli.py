@@ -301,8 +301,10 @@ def eval_cmd(model: str, ref: str | None, text: str, ctx: int, chunks: int, thre
 def bench_cmd(model, out, quick, budgets, methods, mixes, variants, chunks) -> None:
     """Quality versus size, and cost, of windq's plans against llama.cpp's stock mixes.
 
-    Every file is exported and evaluated by llama.cpp; results are cached in OUT/results, so a
-    rerun only does what is missing. Writes OUT/bench.md, OUT/pareto-ppl.png, OUT/pareto-kld.png.
+    Every file is built first (cached in OUT/results), then all are evaluated by llama.cpp in
+    lockstep, one 512-token chunk at a time, each chunk's scores cached in OUT/evals: stop it at
+    any time, and a rerun goes on from the last chunk; a smaller --chunks is served from the
+    cache. Writes OUT/bench.md, OUT/pareto-ppl.png, OUT/pareto-kld.png.
     """
     import dataclasses
 
