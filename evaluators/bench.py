@@ -79,6 +79,7 @@ class Row:
     gen_tok_s: float
     n_scored: int
     seconds: dict = field(default_factory=dict)
+    ppl_stderr: float = float("nan")
 
 
 class Timer:
@@ -257,7 +258,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
         r = summarize(b.file, c.scores(n), ctx=ctx, text_name=text.name, ref=src.path)
         secs = c.seconds(n)
         seconds = {**b.seconds, "eval": sum(secs.values()), "decode": secs["decode_s"]}
-        rows.append(Row(b.variant, b.method, b.budget, b.size_mb, b.bpw, r.ppl, r.kld, r.top1, b.gen_tok_s, r.n_scored, seconds))
+        rows.append(Row(b.variant, b.method, b.budget, b.size_mb, b.bpw, r.ppl, r.kld, r.top1, b.gen_tok_s, r.n_scored, seconds, r.ppl_stderr))
     return _report(cfg, out, rows, timer)
 
 
@@ -370,15 +371,16 @@ def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer) -> dict:
     n_scored = max((r.n_scored for r in ok), default=0)  # evaluated in lockstep: the same tokens for every file
     lines = [
         f"{cfg.model} and its aligned twin; held-out `{cfg.text}` text, {n_scored:,} scored tokens per file "
-        "(512-token chunks, second half scored); KLD against the source.",
+        "(512-token chunks, second half scored); KLD against the source. Every file is scored on the "
+        "same tokens, so differences between files are less noisy than each PPL's standard error.",
         "",
-        "| variant | method | budget | size (MB) | bits/real weight | PPL | KLD | top-1 | gen tok/s (2 thr) |",
+        "| variant | method | budget | size (MB) | bits/real weight | PPL ± s.e. | KLD | top-1 | gen tok/s (2 thr) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(ok, key=lambda r: (r.variant, r.bpw)):
         lines.append(
             f"| {r.variant} | {r.method} | {'—' if r.budget is None else f'{r.budget:g}'} | {r.size_mb:.2f} | {r.bpw:.3f} "
-            f"| {r.ppl:.3f} | {r.kld:.4f} | {100 * r.top1:.1f} % | {r.gen_tok_s:.1f} |"
+            f"| {r.ppl:.3f} ± {r.ppl_stderr:.2f} | {r.kld:.4f} | {100 * r.top1:.1f} % | {r.gen_tok_s:.1f} |"
         )
     unreachable = [f"{r.variant} {r.method} @ {r.budget:g}" for r in rows if r.seconds.get("unreachable")]
     if unreachable:
