@@ -84,3 +84,28 @@ def test_hub_ids_offline_are_one_clear_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-m", "windq", "eval", "someone/some-model"], capture_output=True, text=True, env=env)
     assert_one_line_error(r, "someone/some-model", "HF_HUB_OFFLINE")
+
+
+def test_sigterm_leaves_no_partial_output(tmp_path):
+    """`kill` on a windq command mid-write: the temporary file is removed, the target never appears."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from windq.cli import exit_on_sigterm\n"
+        "from windq.files import atomic_output\n"
+        "exit_on_sigterm()\n"
+        "with atomic_output(sys.argv[1]) as tmp:\n"
+        "    tmp.write_text('half')\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    target = tmp_path / "out.gguf"
+    p = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    assert len(list(tmp_path.iterdir())) == 1  # the temporary file exists while writing
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -39,11 +40,18 @@ def main(verbose: bool) -> None:
       windq export default --plan plan.json --gguf out.gguf --imatrix runs/stats/imatrix.gguf
       windq eval out.gguf --ref default
     """
+    exit_on_sigterm()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("windq.llama").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     # the hub client logs every retry (its level is read from this variable at import); an error
     # reaches the user as windq's one line instead
     os.environ.setdefault("HF_HUB_VERBOSITY", "debug" if verbose else "error")
+
+
+def exit_on_sigterm() -> None:
+    """`kill` (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed and no partial file
+    is left behind (Python's default SIGTERM ends the process without running `finally`)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
 def _progress(desc: str, unit: str = "chunk"):
