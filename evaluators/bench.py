@@ -428,13 +428,18 @@ def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer) -> dict:
 
     for metric, fname in (("ppl", "pareto-ppl.png"), ("kld", "pareto-kld.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        # a colour per method and a line style per variant: a dozen lines outrun any colour cycle
+        methods = sorted({r.method for r in ok if not r.method.startswith("llama.cpp")})
+        colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
         for variant in cfg.variants:
-            for method in sorted({r.method for r in ok if r.variant == variant and not r.method.startswith("llama.cpp")}):
+            style = "--" if variant == "aligned" else "-"
+            for method in methods:
                 pts = sorted((r.bpw, getattr(r, metric)) for r in ok if r.variant == variant and r.method == method)
-                ax.plot(*zip(*pts), marker="o", label=f"windq {method} ({variant})")
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", linestyle=style, color=colour[method], label=f"windq {method} ({variant})")
             pts = sorted((r.bpw, getattr(r, metric)) for r in stock if r.variant == variant)
             if pts:
-                ax.plot(*zip(*pts), marker="s", linestyle=":", label=f"llama.cpp mixes ({variant})")
+                ax.plot(*zip(*pts), marker="s", linestyle=style, color="black", label=f"llama.cpp mixes ({variant})")
         ax.set_xlabel("bits per real weight")
         ax.set_ylabel("PPL" if metric == "ppl" else "KLD vs source (nats/token)")
         ax.set_yscale("log")
