@@ -426,11 +426,11 @@ def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer) -> dict:
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "bench.md", table)
 
+    # a colour per method and a line style per variant: a dozen lines outrun any colour cycle
+    methods = sorted({r.method for r in ok if not r.method.startswith("llama.cpp")})
+    colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     for metric, fname in (("ppl", "pareto-ppl.png"), ("kld", "pareto-kld.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        # a colour per method and a line style per variant: a dozen lines outrun any colour cycle
-        methods = sorted({r.method for r in ok if not r.method.startswith("llama.cpp")})
-        colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
         for variant in cfg.variants:
             style = "--" if variant == "aligned" else "-"
             for method in methods:

@@ -1,6 +1,7 @@
 """Bad input: one line on stderr, exit code 2, no output file."""
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -88,10 +89,6 @@ def test_hub_ids_offline_are_one_clear_line(tmp_path):
 
 def test_sigterm_leaves_no_partial_output(tmp_path):
     """`kill` on a windq command mid-write: the temporary file is removed, the target never appears."""
-    import signal
-    import subprocess
-    import sys
-
     script = (
         "import sys, time\n"
         "from windq.cli import exit_on_sigterm\n"
