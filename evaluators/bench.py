@@ -39,6 +39,7 @@ class BenchConfig:
     chunks: int = 128  # 512-token chunks: 128 × 255 scored = 32,640 tokens
     ppo_episodes: int = 20
     speed_tokens: int = 64
+    speed_rounds: int = 3
     threads: int = 2
 
 
@@ -52,7 +53,7 @@ def quick_config(model: str = "default") -> BenchConfig:
 
 @dataclass
 class Built:
-    """One file of the bench: how it was made, its size, and its generation speed."""
+    """One file of the bench: how it was made and its size."""
 
     variant: str
     method: str  # "llama.cpp:MIX" or windq method[@granularity]
@@ -61,7 +62,6 @@ class Built:
     sha256: str = ""
     size_mb: float = float("nan")
     bpw: float = float("nan")  # bits per real weight
-    gen_tok_s: float = float("nan")
     seconds: dict = field(default_factory=dict)
     unreachable: bool = False  # the planner refused the budget
 
@@ -114,6 +114,35 @@ def generation_speed(path: Path, n_tokens: int, threads: int) -> float:
     dt = time.perf_counter() - t0
     llm.close()
     return out["usage"]["completion_tokens"] / dt
+
+
+def measure_speeds(
+    files: dict[str, Path], path: Path, n_tokens: int, threads: int, rounds: int,
+    speed: Callable[[Path, int, int], float] = generation_speed,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Generation speed of every file (keyed by sha256): the median of `rounds` round-robin rounds.
+
+    On a shared machine two sittings differ more than two files do (byte-identical files measured
+    106 and 168 tok/s an hour apart), so speeds are only compared within one sitting: the whole set
+    is measured together, and measured again whenever a file joins it. Cached in `path`.
+    """
+    from windq.files import atomic_write_text
+
+    setup = {"tokens": n_tokens, "threads": threads, "rounds": rounds}
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached["setup"] == setup and files.keys() <= cached["tok_s"].keys():
+            return {sha: cached["tok_s"][sha] for sha in files}
+    runs: dict[str, list[float]] = {sha: [] for sha in files}
+    for i in range(rounds):  # round-robin, so that a slow spell of the machine hits every file alike
+        for sha, f in files.items():
+            runs[sha].append(speed(f, n_tokens, threads))
+        if progress:
+            progress(i + 1, rounds)
+    tok_s = {sha: statistics.median(v) for sha, v in runs.items()}
+    atomic_write_text(path, json.dumps({"setup": setup, "tok_s": tok_s, "runs": runs}, indent=1))
+    return tok_s
 
 
 def size_at_equal_ppl(ppl: float, stock: list[Row]) -> float | None:
@@ -248,6 +277,9 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
         say(f"chunk {i}/{total} ({per / 60:.1f} min per chunk, about {per * (total - i) / 60:.0f} min left)")
 
     evaluate_lockstep(list(files.values()), list(caches.values()), chunks, src.path, cfg.threads, progress=chunk_done)
+    say(f"generation speed of {len(files)} files, {cfg.speed_rounds} rounds")
+    speeds = measure_speeds(files, out / "speed.json", cfg.speed_tokens, cfg.threads, cfg.speed_rounds,
+                            progress=lambda i, n: say(f"speed round {i}/{n}"))  # fmt: skip
 
     rows = []
     for b in built:
@@ -258,7 +290,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
         r = summarize(b.file, c.scores(n), ctx=ctx, text_name=text.name, ref=src.path)
         secs = c.seconds(n)
         seconds = {**b.seconds, "eval": sum(secs.values()), "decode": secs["decode_s"]}
-        rows.append(Row(b.variant, b.method, b.budget, b.size_mb, b.bpw, r.ppl, r.kld, r.top1, b.gen_tok_s, r.n_scored, seconds, r.ppl_stderr))
+        rows.append(Row(b.variant, b.method, b.budget, b.size_mb, b.bpw, r.ppl, r.kld, r.top1, speeds[b.sha256], r.n_scored, seconds, r.ppl_stderr))
     return _report(cfg, out, rows, timer)
 
 
@@ -308,7 +340,6 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
         m = GGUFModel(path)
         b.file, b.sha256 = str(path.relative_to(out)), file_sha256(path)
         b.size_mb, b.bpw = os.path.getsize(path) / 1e6, m.nbytes * 8 / m.n_real_weights
-        b.gen_tok_s = generation_speed(path, cfg.speed_tokens, cfg.threads)
         return b
 
     built: list[Built] = []

@@ -63,3 +63,27 @@ def test_lockstep_eval_resumes_chunk_by_chunk_to_the_same_scores(synthetic_gguf,
         ra, rb = (summarize(d.model, c.scores(3), ctx=64, text_name="sample", ref=synthetic_gguf) for c in (a, b))
         assert ra == rb == d
     assert direct[0].kld == 0.0 and direct[1].kld > 0  # the reference against itself, and Q8_0 against it
+
+
+def test_speeds_are_measured_in_one_sitting_and_again_when_a_file_joins(tmp_path):
+    """Speeds from different sittings are not comparable, so a new file re-measures the whole set;
+    an unchanged (or smaller) set is read back; each speed is the median of its rounds."""
+    from windq.evaluators.bench import measure_speeds
+
+    calls = []
+
+    def fake_speed(path, n_tokens, threads):
+        calls.append(path.name)
+        runs = {"a": [10.0, 30.0, 20.0, 40.0, 40.0, 40.0], "b": [5.0, 1.0, 3.0, 2.0, 2.0, 2.0], "c": [7.0, 7.0, 7.0]}
+        return runs[path.name][calls.count(path.name) - 1]
+
+    cache = tmp_path / "speed.json"
+    files = {"sha-a": tmp_path / "a", "sha-b": tmp_path / "b"}
+    assert measure_speeds(files, cache, 8, 2, 3, speed=fake_speed) == {"sha-a": 20.0, "sha-b": 3.0}
+    assert calls == ["a", "b"] * 3  # round-robin, not file by file
+    assert measure_speeds({"sha-b": files["sha-b"]}, cache, 8, 2, 3, speed=fake_speed) == {"sha-b": 3.0}
+    assert len(calls) == 6  # read back
+    files["sha-c"] = tmp_path / "c"
+    speeds = measure_speeds(files, cache, 8, 2, 3, speed=fake_speed)
+    assert calls[6:] == ["a", "b", "c"] * 3 and speeds == {"sha-a": 40.0, "sha-b": 2.0, "sha-c": 7.0}
+    assert measure_speeds(files, cache, 16, 2, 3, speed=lambda *a: 1.0) == dict.fromkeys(files, 1.0)  # a new setup too
