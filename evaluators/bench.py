@@ -24,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from windq.files import load_arrays
+
 STOCK_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "IQ2_XXS", "IQ2_XS", "IQ2_M", "IQ3_XXS", "IQ3_M", "IQ4_XS", "Q8_0")
 
 
@@ -102,12 +104,9 @@ class Timer:
 
 def generation_speed(path: Path, n_tokens: int, threads: int) -> float:
     """Tokens per second of greedy generation, one token at a time (llama.cpp, `threads` threads)."""
-    from llama_cpp import Llama
-
     from windq.export import llama
 
-    llama.llama_cpp()
-    llm = Llama(model_path=str(path), n_ctx=256, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = llama.load_llama(path, n_ctx=256, n_threads=threads, n_threads_batch=threads)
     llm.create_completion("The history of", max_tokens=4, temperature=0.0)  # warm-up
     t0 = time.perf_counter()
     out = llm.create_completion("The history of", max_tokens=n_tokens, temperature=0.0)
@@ -175,8 +174,8 @@ class EvalCache:
         self.path = folder / f"{key}.npz"
         self.data: dict[str, list] = {k: [] for k in self.FIELDS}
         if self.path.exists():
-            with np.load(self.path) as z:
-                self.data = {k: list(z[k]) for k in self.FIELDS}
+            z = load_arrays(self.path)
+            self.data = {k: list(z[k]) for k in self.FIELDS}
 
     def __len__(self) -> int:
         return len(self.data["nll"])

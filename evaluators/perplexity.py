@@ -54,13 +54,11 @@ class Runner:
     def __init__(self, path: str | Path, ctx: int, threads: int | None = None):
         check_gguf(path)
         lib = llama.llama_cpp()
-        from llama_cpp import Llama
-
         self.path = Path(path)
         try:
-            self.llm = Llama(
-                model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx,
-                n_threads=threads or os.cpu_count(), n_threads_batch=threads or os.cpu_count(), verbose=False,
+            self.llm = llama.load_llama(
+                path, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx,
+                n_threads=threads or os.cpu_count(), n_threads_batch=threads or os.cpu_count(),
             )  # fmt: skip
         except Exception as e:
             raise InputError(f"{path}: llama.cpp could not load the model ({llama.last_error()})") from e

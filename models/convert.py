@@ -170,11 +170,8 @@ def _llama_tokenize(vocab_gguf: Path, text: str) -> list[int] | None:
     """llama.cpp's tokens for `text` from a vocabulary-only GGUF; None if llama.cpp refuses the file."""
     from windq.export import llama
 
-    llama.llama_cpp()
-    from llama_cpp import Llama
-
     try:
-        llm = Llama(model_path=str(vocab_gguf), vocab_only=True, verbose=False)
+        llm = llama.load_llama(vocab_gguf, vocab_only=True)
     except Exception:  # an unknown pre-tokenizer name is a load error
         return None
     try:

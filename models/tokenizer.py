@@ -18,10 +18,8 @@ class Tokenizer:
     def __init__(self, path: str | Path, llm=None):
         lc = llama.llama_cpp()
         if llm is None:
-            from llama_cpp import Llama
-
             try:
-                llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+                llm = llama.load_llama(path, vocab_only=True)
             except Exception as e:
                 raise InputError(f"{path}: llama.cpp could not load the vocabulary ({llama.last_error()})") from e
             self._owned = llm

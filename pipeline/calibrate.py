@@ -26,7 +26,7 @@ import numpy as np
 
 from windq import __version__
 from windq.errors import CalibrationError, UnsupportedModelError
-from windq.files import atomic_output, atomic_write_text
+from windq.files import atomic_output, atomic_write_text, load_array, load_arrays
 from windq.models.gguf_model import GGUFModel
 from windq.models.sources import Text
 from windq.models.tokenizer import Tokenizer
@@ -227,10 +227,9 @@ def load_activation_stats(statsdir: str | Path) -> dict[str, dict[str, np.ndarra
     path = Path(statsdir) / ACTIVATIONS_FILE
     if not path.is_file():
         raise CalibrationError(f"{statsdir}: no {ACTIVATIONS_FILE}; run `windq calibrate` first")
-    with np.load(path) as z:
-        for key in z.files:
-            tensor, stat = key.split("|")
-            out.setdefault(tensor, {})[stat] = z[key]
+    for key, value in load_arrays(path).items():
+        tensor, stat = key.split("|")
+        out.setdefault(tensor, {})[stat] = value
     return out
 
 
@@ -238,7 +237,7 @@ def load_tokens(statsdir: str | Path) -> np.ndarray:
     path = Path(statsdir) / TOKENS_FILE
     if not path.is_file():
         raise CalibrationError(f"{statsdir}: no {TOKENS_FILE}; run `windq calibrate` first")
-    return np.load(path)
+    return load_array(path)
 
 
 def pad_calibration(src_dir: str | Path, dst_dir: str | Path, aligned: GGUFModel) -> Path:
@@ -257,8 +256,9 @@ def pad_calibration(src_dir: str | Path, dst_dir: str | Path, aligned: GGUFModel
         chunk_size=im.chunk_size,
     )  # fmt: skip
     save_imatrix(padded, dst_dir / IMATRIX_FILE, aligned.architecture)
-    with np.load(src_dir / ACTIVATIONS_FILE) as z:  # keys are "tensor|statistic"
-        acts = {key: pad_columns(z[key], aligned, key.split("|")[0]) for key in z.files}
+    acts = {  # keys are "tensor|statistic"
+        key: pad_columns(value, aligned, key.split("|")[0]) for key, value in load_arrays(src_dir / ACTIVATIONS_FILE).items()
+    }
     with atomic_output(dst_dir / ACTIVATIONS_FILE) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **acts)

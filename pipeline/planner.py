@@ -50,7 +50,7 @@ class PlannerResult:
     proxy_error: float
     chunk_proxy_error: float | None = None
     ppo: object | None = None  # PPOResult
-    policy_model: object | None = None
+    policy: object | None = None  # the PPO policy network trained or applied (`ppo.save_policy` writes it)
     extras: dict = field(default_factory=dict)
 
 
@@ -78,6 +78,12 @@ def run_planner(
     if cfg.method not in METHODS:
         raise InputError(f"--method {cfg.method}: use one of {', '.join(METHODS)}")
     _check_stats(model, statsdir)
+    # a policy file is refused before any table is built, and read as data only
+    policy = None
+    if cfg.method == "ppo" and cfg.policy:
+        from windq.pipeline import ppo
+
+        policy = ppo.load_policy(cfg.policy)
     im = load_imatrix(statsdir / "imatrix.gguf", model)
     data = im.data
 
@@ -93,7 +99,7 @@ def run_planner(
     tp.check_budget(cfg.bpw)
     prob = tp if group is None else allocate.build_problem(model, tables, granularity=cfg.granularity, allowed=cfg.types)
 
-    ppo_result = policy_model = None
+    ppo_result = None
     if cfg.method == "knapsack":
         choice = allocate.knapsack(prob, cfg.bpw)
     elif cfg.method == "uniform":
@@ -101,7 +107,7 @@ def run_planner(
     elif cfg.method == "random":
         choice = allocate.random_plan(prob, cfg.bpw, np.random.default_rng(cfg.seed))
     else:
-        choice, ppo_result, policy_model = _run_ppo(model, statsdir, tables, prob, tp, data, cfg, bar("ppo"))
+        choice, ppo_result, policy = _run_ppo(model, statsdir, tables, prob, tp, data, cfg, policy, bar("ppo"))
 
     chunk_error = None
     if group is not None:
@@ -126,7 +132,7 @@ def run_planner(
             "knapsack_kl": ppo_result.knapsack_kl, "policy": cfg.policy,
         }  # fmt: skip
     plan = make_plan(model, types, method=cfg.method, budget_bpw=cfg.bpw, granularity=cfg.granularity, provenance=prov)
-    return PlannerResult(plan, tp, tchoice, tp.error_of(tchoice), chunk_error, ppo_result, policy_model)
+    return PlannerResult(plan, tp, tchoice, tp.error_of(tchoice), chunk_error, ppo_result, policy)
 
 
 def _chunk_types(p: allocate.Problem, choice: np.ndarray) -> dict[str, list[str]]:
@@ -136,7 +142,7 @@ def _chunk_types(p: allocate.Problem, choice: np.ndarray) -> dict[str, list[str]
     return out
 
 
-def _run_ppo(model, statsdir, tables, prob, tp, imatrix, cfg: PlanConfig, progress):
+def _run_ppo(model, statsdir, tables, prob, tp, imatrix, cfg: PlanConfig, policy, progress):
     from windq.pipeline import ppo
 
     acts = load_activation_stats(statsdir)
@@ -161,13 +167,9 @@ def _run_ppo(model, statsdir, tables, prob, tp, imatrix, cfg: PlanConfig, progre
             )
         scale = max(real(allocate.knapsack(prob, cfg.bpw)), 1e-9)
     env = ppo.AllocationEnv(prob, feats, cfg.bpw, real_loss=real, real_loss_scale=scale)
-    if cfg.policy:
-        if not Path(cfg.policy).is_file():
-            raise InputError(f"{cfg.policy}: no such policy file")
-        policy_model = ppo.load_policy(cfg.policy)
-        if policy_model.observation_space.shape != env.observation_space.shape:
-            raise InputError(f"{cfg.policy}: a policy for another observation layout (windq version?)")
-        result = ppo.apply_policy(policy_model, env)
+    if policy is not None:
+        result = ppo.apply_policy(policy, env)
     else:
-        policy_model, result = ppo.train(env, episodes=cfg.episodes, seed=cfg.seed, progress=progress)
-    return result.choice, result, policy_model
+        trained, result = ppo.train(env, episodes=cfg.episodes, seed=cfg.seed, progress=progress)
+        policy = trained.policy
+    return result.choice, result, policy

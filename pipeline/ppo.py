@@ -15,24 +15,52 @@ actions (behaviour cloning), then PPO improves on the combined reward. The plan 
 of the trained policy's greedy rollout and the best episode seen while training, by that reward.
 Observations have the same length for every model (one slot per offered type), so a saved policy
 applies to another model (`--policy FILE`, zero-shot transfer).
+
+A saved policy is data only: one safetensors file holding the network's tensors, with a JSON header
+in its metadata naming what rebuilds the network (observation layout and version, feature names,
+action types, layer sizes). Loading constructs the policy from the header and copies the tensors
+in; nothing is unpickled, so a policy file someone shares cannot run code (an sb3 zip could).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping
 
 import gymnasium as gym
 import numpy as np
 
+from windq import __version__
+from windq.errors import InputError
 from windq.export import registry
+from windq.files import atomic_output
 from windq.pipeline.allocate import Problem, knapsack
 
 TYPES = registry.OFFERED  # the action space: one action per offered type, the same for every model
 KINDS = ("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _EPS = 1e-12
 _OBS_BOUND = 10.0  # features are scaled to about [-2, 2]; the bound only guards outliers
+
+
+# The observation layout: what each slot of an observation means. A saved policy records it, and
+# one made for another layout is refused: bump the version whenever a feature changes meaning.
+OBS_LAYOUT = "windq-unit"
+OBS_LAYOUT_VERSION = 1
+NET_ARCH = (64, 64)  # hidden layers of the policy and value networks (sb3's MlpPolicy, tanh)
+
+
+def observation_names() -> list[str]:
+    """The name of every slot of an observation, in order (`unit_features` + the budget state)."""
+    return [
+        "position", "unit_index", "log_bytes",
+        *(f"kind:{k}" for k in (*KINDS, "other")),
+        "importance_mean", "importance_spread", "weight_std", "weight_spread", "activation_mean", "activation_spread",
+        *(f"error:{t}" for t in TYPES), "worst_error",
+        "budget_left_of_room", "budget_left", "bits_spent", "budget_bpw",
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -255,7 +283,7 @@ def make_model(env: AllocationEnv, seed: int, n_steps: int):
     return MaskablePPO(
         "MlpPolicy", env, seed=seed, n_steps=n_steps, batch_size=min(64, n_steps), n_epochs=4,
         learning_rate=3e-4, gamma=1.0, gae_lambda=0.95, ent_coef=0.01, verbose=0, device="cpu",
-        policy_kwargs={"net_arch": [64, 64]},
+        policy_kwargs={"net_arch": list(NET_ARCH)},
     )  # fmt: skip
 
 
@@ -305,7 +333,75 @@ def apply_policy(model, env: AllocationEnv) -> PPOResult:
     return PPOResult(choice, "policy", ret, kl, float("nan"), None, 0)
 
 
-def load_policy(path: str):
-    from sb3_contrib import MaskablePPO
+POLICY_FORMAT = "windq-policy"
+POLICY_FORMAT_VERSION = 1
+_HEADER_KEY = "windq_policy"  # the safetensors metadata entry holding the JSON header
 
-    return MaskablePPO.load(path, device="cpu")
+
+def policy_header() -> dict:
+    return {
+        "format": POLICY_FORMAT,
+        "format_version": POLICY_FORMAT_VERSION,
+        "windq_version": __version__,
+        "observation": {"layout": OBS_LAYOUT, "version": OBS_LAYOUT_VERSION, "features": observation_names()},
+        "actions": list(TYPES),
+        "network": {"policy": "MaskableActorCriticPolicy", "net_arch": list(NET_ARCH), "activation": "tanh"},
+    }
+
+
+def save_policy(policy, path: str | Path) -> Path:
+    """Write a policy (a MaskablePPO's `.policy`) as safetensors with the JSON header above."""
+    from safetensors.torch import save_file
+
+    if policy.observation_space.shape != (len(observation_names()),):
+        raise ValueError(f"observation of shape {policy.observation_space.shape} does not match observation_names()")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(policy_header())})
+    return Path(path)
+
+
+def load_policy(path: str | Path):
+    """The policy saved by `save_policy`, rebuilt from its header; refuses anything else in one line."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+    from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+
+    path = Path(path)
+    expects = f"windq reads only its own policy format (safetensors with a {POLICY_FORMAT} header, from `windq plan --save-policy`)"
+    try:
+        magic = path.read_bytes()[:4]
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the policy file ({e.strerror})") from None
+    if magic == b"PK\x03\x04":
+        raise InputError(f"{path}: a zip (stable-baselines3's format, which unpickles code); {expects}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {})[_HEADER_KEY])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, KeyError, ValueError, OSError):
+        raise InputError(f"{path}: not a windq policy file; {expects}") from None
+    if not isinstance(header, dict) or header.get("format") != POLICY_FORMAT or header.get("format_version") != POLICY_FORMAT_VERSION:
+        raise InputError(f"{path}: not a {POLICY_FORMAT} v{POLICY_FORMAT_VERSION} file; {expects}")
+    obs, net = header.get("observation") or {}, header.get("network") or {}
+    if (obs.get("layout"), obs.get("version"), obs.get("features")) != (OBS_LAYOUT, OBS_LAYOUT_VERSION, observation_names()):
+        raise InputError(
+            f"{path}: a policy for observation layout {obs.get('layout')} v{obs.get('version')} "
+            f"(windq {header.get('windq_version')}); this windq observes {OBS_LAYOUT} v{OBS_LAYOUT_VERSION}: train a new one"
+        )
+    if header.get("actions") != list(TYPES):
+        raise InputError(f"{path}: a policy choosing among other types ({header.get('actions')}); this windq offers {list(TYPES)}")
+    arch = net.get("net_arch")
+    if net.get("activation") != "tanh" or not (isinstance(arch, list) and arch and all(isinstance(n, int) and 0 < n <= 4096 for n in arch)):
+        raise InputError(f"{path}: a network this windq cannot build ({net}); {expects}")
+    n_obs = len(observation_names())
+    policy = MaskableActorCriticPolicy(
+        gym.spaces.Box(-_OBS_BOUND, _OBS_BOUND, shape=(n_obs,), dtype=np.float32), gym.spaces.Discrete(len(TYPES)),
+        lambda _: 0.0, net_arch=list(arch), activation_fn=torch.nn.Tanh,
+    )  # fmt: skip
+    try:
+        policy.load_state_dict(tensors, strict=True)
+    except RuntimeError:
+        raise InputError(f"{path}: its tensors do not match the network its header describes; {expects}") from None
+    policy.set_training_mode(False)
+    return policy

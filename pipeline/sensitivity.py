@@ -32,7 +32,7 @@ import numpy as np
 
 from windq.errors import InputError
 from windq.export import ggml, registry
-from windq.files import atomic_output
+from windq.files import atomic_output, load_arrays
 from windq.models.gguf_model import GGUFModel, TensorInfo
 
 TABLE_VERSION = 1
@@ -85,12 +85,12 @@ class Tables:
 
     @classmethod
     def load(cls, path: str | Path) -> "Tables":
-        with np.load(path) as z:
-            header = json.loads(z["header"].tobytes())
-            tensors = {
-                n: TensorTable(n, tuple(h["shape"]), tuple(h["types"]), z[f"{n}|cols"], z[f"{n}|error"], z[f"{n}|nbytes"])
-                for n, h in header["tensors"].items()
-            }
+        z = load_arrays(path)
+        header = json.loads(z["header"].tobytes())
+        tensors = {
+            n: TensorTable(n, tuple(h["shape"]), tuple(h["types"]), z[f"{n}|cols"], z[f"{n}|error"], z[f"{n}|nbytes"])
+            for n, h in header["tensors"].items()
+        }
         return cls(header["group"], header["model_sha256"], header["imatrix_sha256"], tensors)
 
 

@@ -28,3 +28,14 @@ def sample_text() -> str:
     from windq.models.sources import wiki_text
 
     return wiki_text("evaluation").content[:60_000]
+
+
+@pytest.fixture(scope="session")
+def synthetic_stats(synthetic_gguf, tmp_path_factory) -> Path:
+    """A calibration folder for the synthetic model (512 tokens of the embedded text)."""
+    from windq.models.gguf_model import GGUFModel
+    from windq.models.sources import wiki_text
+    from windq.pipeline.calibrate import CalibrationConfig, calibrate, save_calibration
+
+    cal = calibrate(GGUFModel(synthetic_gguf), wiki_text("calibration"), CalibrationConfig(tokens=512, ctx=128))
+    return save_calibration(cal, tmp_path_factory.mktemp("stats"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from windq.export import llama
@@ -35,3 +37,31 @@ def hf_dir_from_gguf(src: Path, out: Path) -> Path:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(out)
     return out
+
+
+def windq(*args, cwd=None, env=None):
+    """The CLI in a child process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "windq", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def assert_one_line_error(r, *fragments):
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def allocation_env(gguf_path: Path, statsdir: Path, bpw: float = 4.0):
+    """The PPO env of a calibrated model at a budget, at tensor granularity."""
+    from windq.pipeline import allocate, ppo
+    from windq.pipeline.imatrix import load_imatrix
+    from windq.pipeline.planner import weight_column_stats
+    from windq.pipeline.sensitivity import load_or_compute
+
+    m = GGUFModel(gguf_path)
+    im = load_imatrix(statsdir / "imatrix.gguf", m)
+    tables = load_or_compute(m, im.data, statsdir, group=256, imatrix_sha256=im.sha256())
+    p = allocate.build_problem(m, tables)
+    feats = ppo.unit_features(p, weight_column_stats(m, tables.tensors), im.data)
+    return ppo.AllocationEnv(p, feats, bpw)

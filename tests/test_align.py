@@ -4,7 +4,7 @@ import gguf
 import numpy as np
 import pytest
 
-from test_cli import assert_one_line_error, windq
+from helpers import assert_one_line_error, windq
 from windq.errors import IllegalTypeError
 from windq.evaluators.perplexity import evaluate
 from windq.export import ggml, registry

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from test_cli import assert_one_line_error, windq
+from helpers import assert_one_line_error, windq
 from windq.evaluators.perplexity import evaluate_chunks
 from windq.models.gguf_model import GGUFModel
 from windq.models.sources import Text

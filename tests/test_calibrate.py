@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from helpers import assert_same_tensor_bytes
-from test_cli import assert_one_line_error, windq
+from helpers import assert_one_line_error, windq
 from windq.errors import CalibrationError
 from windq.export.quantize import export_gguf
 from windq.models.gguf_model import GGUFModel

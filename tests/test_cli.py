@@ -6,21 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import assert_one_line_error, windq
 
 from windq.models.gguf_model import GGUFModel
 from windq.pipeline.plan import make_plan, save_plan, uniform_plan
-
-
-def windq(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "windq", *map(str, args)], capture_output=True, text=True, cwd=cwd)
-
-
-def assert_one_line_error(r, *fragments):
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_missing_model_file(tmp_path, synthetic_gguf):

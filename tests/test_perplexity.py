@@ -18,7 +18,9 @@ def _direct_ppl(path, text: str, ctx: int, chunks: int) -> float:
     """An independent computation: llama-cpp-python's own logits_to_logprobs, one chunk at a time."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, verbose=False)
+    from windq.export.llama import load_llama
+
+    llm = load_llama(path, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True)
     tokens = llm.tokenize(text.encode(), add_bos=True, special=False)
     add_bos = llm._model.add_bos_token()
     nll, n = 0.0, 0

@@ -2,6 +2,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+from helpers import allocation_env
 
 from windq.models.gguf_model import GGUFModel
 from windq.models.sources import wiki_text
@@ -11,24 +12,9 @@ from windq.pipeline.plan import validate
 from windq.pipeline.planner import PlanConfig, run_planner
 
 
-@pytest.fixture(scope="module")
-def statsdir(synthetic_gguf, tmp_path_factory):
-    d = tmp_path_factory.mktemp("stats")
-    cal = calibrate(GGUFModel(synthetic_gguf), wiki_text("calibration"), CalibrationConfig(tokens=512, ctx=128))
-    return save_calibration(cal, d)
-
-
-def _env(synthetic_gguf, statsdir, bpw=4.0):
-    from windq.pipeline.imatrix import load_imatrix
-    from windq.pipeline.planner import weight_column_stats
-    from windq.pipeline.sensitivity import load_or_compute
-
-    m = GGUFModel(synthetic_gguf)
-    im = load_imatrix(statsdir / "imatrix.gguf", m)
-    tables = load_or_compute(m, im.data, statsdir, group=256, imatrix_sha256=im.sha256())
-    p = allocate.build_problem(m, tables)
-    feats = ppo.unit_features(p, weight_column_stats(m, tables.tensors), im.data)
-    return ppo.AllocationEnv(p, feats, bpw)
+@pytest.fixture
+def statsdir(synthetic_stats):
+    return synthetic_stats
 
 
 class _MaskedSampling(gym.spaces.Discrete):
@@ -44,13 +30,13 @@ class _MaskedSampling(gym.spaces.Discrete):
 
 
 def test_env_passes_gymnasiums_checker(synthetic_gguf, statsdir):
-    env = _env(synthetic_gguf, statsdir)
+    env = allocation_env(synthetic_gguf, statsdir)
     env.action_space = _MaskedSampling(env)
     check_env(env, skip_render_check=True)
 
 
 def test_masks_keep_every_episode_in_budget(synthetic_gguf, statsdir):
-    env = _env(synthetic_gguf, statsdir, bpw=3.0)
+    env = allocation_env(synthetic_gguf, statsdir, bpw=3.0)
     rng = np.random.default_rng(0)
     for _ in range(30):
         env.reset()
@@ -83,14 +69,14 @@ def test_seeded_runs_reproduce_and_policies_transfer(synthetic_gguf, statsdir, t
     a, b = run_planner(m, statsdir, cfg), run_planner(m, statsdir, cfg)
     assert a.plan.tensors == b.plan.tensors
     assert a.ppo.kl is not None and a.ppo.kl >= 0
-    a.policy_model.save(tmp_path / "policy.zip")
+    ppo.save_policy(a.policy, tmp_path / "policy.safetensors")
     # zero-shot transfer: a model with another depth and other weights, at another budget
     from windq.models.synthetic import SyntheticConfig, write_synthetic_gguf
 
     other = GGUFModel(write_synthetic_gguf(tmp_path / "other.gguf", SyntheticConfig(n_layer=3, seed=5)))
     cal = calibrate(other, wiki_text("calibration"), CalibrationConfig(tokens=256, ctx=128))
     other_stats = save_calibration(cal, tmp_path / "other-stats")
-    applied = run_planner(other, other_stats, PlanConfig(bpw=3.5, method="ppo", policy=str(tmp_path / "policy.zip")))
+    applied = run_planner(other, other_stats, PlanConfig(bpw=3.5, method="ppo", policy=str(tmp_path / "policy.safetensors")))
     assert applied.plan.achieved_bpw <= 3.5 and len(applied.plan.tensors) == len(other.quantizable())
     validate(applied.plan, other, imatrix_tensors=set(applied.plan.tensors))
 

@@ -3,6 +3,9 @@ stderr and exit code 2, and owns progress bars and output formats."""
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
+import io
 import json
 import logging
 import os
@@ -41,6 +44,10 @@ def main(verbose: bool) -> None:
       windq eval out.gguf --ref default
     """
     exit_on_sigterm()
+    # a crash inside llama.cpp (a signal, not an exception) still prints where Python was; only
+    # possible when stderr is a real file (not under click's test runner)
+    with contextlib.suppress(io.UnsupportedOperation, AttributeError, ValueError):
+        faulthandler.enable()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("windq.llama").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     # the hub client logs every retry (its level is read from this variable at import); an error
@@ -114,8 +121,8 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, out: str) -> Non
 @click.option("--types", help="Comma-separated ggml types to allow (default: every legal one).")
 @click.option("--seed", default=0, show_default=True, help="Seed for ppo and random.")
 @click.option("--episodes", default=20, show_default=True, help="PPO training episodes.")
-@click.option("--policy", type=click.Path(dir_okay=False), help="Apply a saved PPO policy instead of training (zero-shot transfer).")
-@click.option("--save-policy", type=click.Path(dir_okay=False), help="Where to save the trained PPO policy.")
+@click.option("--policy", type=click.Path(dir_okay=False), help="Apply a policy saved by --save-policy instead of training (zero-shot transfer). Read as data: an sb3 zip or any other file is refused.")
+@click.option("--save-policy", type=click.Path(dir_okay=False), help="Where to save the PPO policy: safetensors tensors + a JSON header (POLICY.safetensors).")
 @click.option("--real-loss-tokens", default=256, show_default=True, help="Held-in tokens for PPO's episode-end KL (0: proxy only).")
 @click.option("--align", "align", type=click.Choice(["auto", "none", "256"]), default="auto", show_default=True,
               help="256: plan the model zero-padded to 256-wide rows (`windq align`), so K and IQ types fit; none: as it is; "
@@ -166,8 +173,10 @@ def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, poli
         click.echo(f"chosen: {'aligned to 256' if result.plan.provenance.get('align') else 'as it is'}")
     save_plan(result.plan, out)
     png = allocation_map(result.plan, Path(out).with_suffix(".png"))
-    if save_policy and result.policy_model is not None:
-        result.policy_model.save(save_policy)
+    if save_policy and result.policy is not None:
+        from windq.pipeline.ppo import save_policy as write_policy
+
+        write_policy(result.policy, save_policy)
     for line in summary(result.plan, result.proxy_error, result.chunk_proxy_error, result.ppo):
         click.echo(line)
     click.echo(f"wrote {out} and {png}")
@@ -335,6 +344,26 @@ def bench_cmd(model, out, quick, budgets, methods, mixes, variants, chunks) -> N
     result = run_bench(cfg, out, progress=lambda msg: click.echo(f"… {msg}", err=True))
     click.echo(result["table"])
     click.echo(f"wrote {Path(out) / 'bench.md'}, {Path(out) / 'pareto-ppl.png'}, {Path(out) / 'pareto-kld.png'}")
+
+
+@main.command("doctor", epilog=EPILOG_MODEL)
+@click.argument("model", default="default")
+@click.option("--tokens", default=8, show_default=True, help="Tokens to decode.")
+def doctor_cmd(model: str, tokens: int) -> None:
+    """Check that this machine's llama.cpp build runs: decode a few tokens of MODEL in a child process.
+
+    A build of llama.cpp that crashes on this CPU (the AMX kernels on Sapphire Rapids and later
+    Xeons segfault in llama_decode) is named in one line, with the fix, instead of killing a long
+    run later. `make demo` and `make test` run it first.
+    """
+    from windq.export import llama
+
+    r = llama.probe(_model_path(model), tokens)
+    amx = "compiled in" if r.amx_compiled else "not compiled"
+    click.echo(
+        f"llama.cpp OK: decoded {r.n_tokens} tokens of {Path(r.model).name} in a child process ({r.seconds:.1f} s); "
+        f"CPU: {r.cpu}; llama-cpp-python {llama.version()}, AMX kernels {amx}"
+    )
 
 
 @main.command("demo")

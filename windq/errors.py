@@ -38,3 +38,7 @@ class CalibrationError(WindqError):
 
 class UnsupportedModelError(WindqError):
     """An architecture windq cannot handle for the requested operation."""
+
+
+class RuntimeCrashError(WindqError):
+    """llama.cpp died (a signal, not an exception) or hung while running a model in a child process."""
