@@ -25,6 +25,8 @@ from typing import Callable
 import numpy as np
 
 from windq.files import load_arrays
+from windq.keys import CalibrationFiles
+from windq.registry import bits_per_weight
 
 STOCK_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "IQ2_XXS", "IQ2_XS", "IQ2_M", "IQ3_XXS", "IQ3_M", "IQ4_XS", "Q8_0")
 
@@ -104,9 +106,9 @@ class Timer:
 
 def generation_speed(path: Path, n_tokens: int, threads: int) -> float:
     """Tokens per second of greedy generation, one token at a time (llama.cpp, `threads` threads)."""
-    from windq.export import llama
+    from windq import llamacpp
 
-    llm = llama.load_llama(path, n_ctx=256, n_threads=threads, n_threads_batch=threads)
+    llm = llamacpp.load_llama(path, n_ctx=256, n_threads=threads, n_threads_batch=threads)
     llm.create_completion("The history of", max_tokens=4, temperature=0.0)  # warm-up
     t0 = time.perf_counter()
     out = llm.create_completion("The history of", max_tokens=n_tokens, temperature=0.0)
@@ -192,7 +194,7 @@ class EvalCache:
             np.savez(f, **{k: np.asarray(v) for k, v in self.data.items()})
 
     def scores(self, n: int) -> list:
-        from windq.evaluators.perplexity import ChunkScores
+        from windq.export.scoring import ChunkScores
 
         return [ChunkScores(*(self.data[k][i] for k in ("nll", "kld", "agree"))) for i in range(n)]
 
@@ -211,7 +213,7 @@ def evaluate_lockstep(
     stays that of one model however many files there are, and at any moment every file has been
     scored on the same tokens.
     """
-    from windq.evaluators.perplexity import Runner, log_softmax, score_logprobs
+    from windq.export.scoring import Runner, log_softmax, score_logprobs
 
     ctx = chunks.shape[1]
     start = min((len(c) for c in caches), default=len(chunks))
@@ -243,10 +245,10 @@ def evaluate_lockstep(
 
 def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None] | None = None) -> dict:
     """Build every file (cached), evaluate them all in lockstep (cached per chunk), report."""
-    from windq.evaluators.perplexity import summarize
+    from windq.export.scoring import summarize
     from windq.models.gguf_model import GGUFModel
     from windq.models.sources import resolve_model, resolve_text
-    from windq.models.tokenizer import Tokenizer
+    from windq.models.tokenizer import token_chunks
 
     say = progress or (lambda _msg: None)
     out = Path(out)
@@ -257,13 +259,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
 
     text = resolve_text(cfg.text, "evaluation")
     ctx = 512
-    tok = Tokenizer(src.path)
-    try:
-        tokens = tok.tokenize(text.content, max_tokens=max(cfg.chunks, 2) * ctx)
-    finally:
-        tok.close()
-    n = min(cfg.chunks, len(tokens) // ctx)
-    chunks = tokens[: n * ctx].reshape(n, ctx)
+    chunks = token_chunks(src.path, text.content, ctx, max_chunks=cfg.chunks, min_chunks=1, text_name=text.name)
+    n = len(chunks)
     # a plan can come out byte-identical to another (PPO that keeps its knapsack warm start): one evaluation each
     files = {b.sha256: out / b.file for b in built if not b.unreachable}
     caches = {sha: EvalCache(out / "evals", sha, src.sha256, text.name, ctx) for sha in files}
@@ -295,12 +292,10 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
 
 def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[str], None]) -> list[Built]:
     """Every stock mix and every plan of the config, exported once; cached in OUT/results."""
-    import gguf
 
     from windq.errors import BudgetError
-    from windq.export import llama, registry
-    from windq.export.quantize import export_gguf
-    from windq.files import atomic_output, atomic_write_text
+    from windq.export.quantize import export_gguf, quantize_bare, quantize_stock_mix
+    from windq.files import atomic_write_text
     from windq.models.align import align_gguf
     from windq.models.gguf_model import GGUFModel, file_sha256
     from windq.models.sources import resolve_text
@@ -313,7 +308,7 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
     (out / "gguf").mkdir(exist_ok=True)
     # one imatrix for everything, from the unaligned model; the aligned twin gets it zero-padded
     stats = {"unaligned": out / "stats-unaligned", "aligned": out / "stats-aligned"}
-    if not (stats["unaligned"] / "imatrix.gguf").exists():
+    if not (stats["unaligned"] / CalibrationFiles.IMATRIX).exists():
         say("calibrate")
         cal = timer("calibrate", calibrate, src, resolve_text(cfg.text, "calibration"), CalibrationConfig(tokens=cfg.calib_tokens))
         save_calibration(cal, stats["unaligned"], src.architecture)
@@ -324,7 +319,7 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
             say("align")
             timer("align", align_gguf, src, aligned_path)
         models["aligned"] = GGUFModel(aligned_path)
-        if not (stats["aligned"] / "imatrix.gguf").exists():
+        if not (stats["aligned"] / CalibrationFiles.IMATRIX).exists():
             pad_calibration(stats["unaligned"], stats["aligned"], models["aligned"])
 
     def cached(key: str, make: Callable[[], Built]) -> Built:
@@ -338,13 +333,13 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
     def finish(b: Built, path: Path) -> Built:
         m = GGUFModel(path)
         b.file, b.sha256 = str(path.relative_to(out)), file_sha256(path)
-        b.size_mb, b.bpw = os.path.getsize(path) / 1e6, m.nbytes * 8 / m.n_real_weights
+        b.size_mb, b.bpw = os.path.getsize(path) / 1e6, bits_per_weight(m.nbytes, m.n_real_weights)
         return b
 
     built: list[Built] = []
     for variant in cfg.variants:
         m = models[variant]
-        im = load_imatrix(stats[variant] / "imatrix.gguf", m)
+        im = load_imatrix(stats[variant] / CalibrationFiles.IMATRIX, m)
         base = f"{m.sha256}|{im.sha256()}"
         if cfg.budgets and cfg.methods and not cache_path(m, im.sha256(), stats[variant]).is_file():
             say(f"sensitivity tables {variant}")
@@ -354,8 +349,7 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
                 say(f"quantize {variant} {mix}")
                 path = out / "gguf" / f"{variant}-stock-{mix}.gguf"
                 t0 = time.perf_counter()
-                with atomic_output(path) as tmp:  # an interrupted run leaves no half-written mix behind
-                    llama.quantize_file(str(m.path), str(tmp), ftype=int(gguf.LlamaFileType[f"MOSTLY_{mix}"]), imatrix=im.data)
+                quantize_stock_mix(m, mix, path, imatrix=im.data)
                 return finish(Built(variant, f"llama.cpp:{mix}", None, seconds={"quantize": time.perf_counter() - t0}), path)
 
             built.append(cached(f"{base}|stock|{mix}", stock))
@@ -378,9 +372,7 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
                     # the same quantization as a bare llama.cpp call, for the export overhead ratio
                     with tempfile.TemporaryDirectory(dir=out / "gguf") as tmp:
                         t0 = time.perf_counter()
-                        llama.quantize_file(str(m.path), str(Path(tmp) / "bare.gguf"), ftype=llama.ftype_for("Q8_0"), pure=True,
-                                            overrides={n: registry.get(t).id for n, t in res.plan.tensors.items()},
-                                            imatrix=im.data)  # fmt: skip
+                        quantize_bare(m, res.plan, Path(tmp) / "bare.gguf", imatrix=im.data)
                         bare_s = time.perf_counter() - t0
                     return finish(Built(variant, method, budget, seconds={"plan": plan_s, "export": export_s, "bare_quantize": bare_s}), path)
 

@@ -24,6 +24,7 @@ import click
 @click.option("--repeats", default=1, show_default=True)
 @click.option("--threads", type=int, default=None, help="Worker threads (default: all cores).")
 def main(model: str, stats: str | None, group: int, repeats: int, threads: int | None) -> None:
+    from windq.keys import CalibrationFiles
     from windq.models.gguf_model import GGUFModel
     from windq.models.sources import resolve_model, wiki_text
     from windq.pipeline.calibrate import CalibrationConfig, calibrate, save_calibration
@@ -34,7 +35,7 @@ def main(model: str, stats: str | None, group: int, repeats: int, threads: int |
     if stats is None:
         stats = tempfile.mkdtemp(prefix="windq-bench-")
         save_calibration(calibrate(m, wiki_text("calibration"), CalibrationConfig(tokens=4096)), stats)
-    im = load_imatrix(os.path.join(stats, "imatrix.gguf"), m)
+    im = load_imatrix(os.path.join(stats, CalibrationFiles.IMATRIX), m)
     times, n_entries = [], 0
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+import gguf
 import numpy as np
 
 from windq.errors import ExportError
-from windq.export import llama, registry
+from windq import registry
+from windq.export import llama_quantize
 from windq.files import atomic_output, atomic_write_text
 from windq.models.gguf_model import GGUFModel
-from windq.pipeline.plan import Plan, validate
+from windq.plan import Plan, validate
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ def base_ftype(model: GGUFModel, tensors: Mapping[str, str]) -> int:
         weight[type_name] = weight.get(type_name, 0) + model.tensors[name].n_elements
     ranked = sorted(weight, key=lambda t: -weight[t])
     quantized = [t for t in ranked if registry.get(t).is_quantized]
-    return llama.ftype_for(quantized[0] if quantized else ranked[0])
+    return llama_quantize.ftype_for(quantized[0] if quantized else ranked[0])
 
 
 def export_gguf(
@@ -48,31 +50,50 @@ def export_gguf(
     out: str | Path,
     *,
     imatrix: Mapping[str, np.ndarray] | None = None,
-    nthread: int = 0,
+    threads: int | None = None,  # None: all cores
 ) -> ExportReport:
     validate(plan, model, imatrix_tensors=set(imatrix or ()))
     out = Path(out)
     ftype = base_ftype(model, plan.tensors)
     overrides = {name: registry.get(t).id for name, t in plan.tensors.items()}
     with atomic_output(out) as tmp:
-        try:
-            llama.quantize_file(
-                str(model.path), str(tmp), ftype=ftype, overrides=overrides,
-                imatrix=dict(imatrix) if imatrix else None, pure=True, nthread=nthread,
-            )  # fmt: skip
-        except RuntimeError as e:
-            raise ExportError(f"llama.cpp could not quantize {model.path.name}: {e}") from e
+        llama_quantize.quantize_file(
+            str(model.path), str(tmp), ftype=ftype, overrides=overrides,
+            imatrix=dict(imatrix) if imatrix else None, pure=True, nthread=threads or 0,
+        )  # fmt: skip
         written = GGUFModel(tmp)
         verify_against_plan(written, model, plan)
         report = ExportReport(
             path=out,
             nbytes=written.nbytes,
             file_bytes=tmp.stat().st_size,
-            bits_per_weight=written.nbytes * 8 / written.n_real_weights,
+            bits_per_weight=registry.bits_per_weight(written.nbytes, written.n_real_weights),
             base_ftype=_ftype_name(ftype),
         )
         del written  # release gguf-py's memory map before the rename
     return report
+
+
+def quantize_stock_mix(model: GGUFModel, mix: str, out: str | Path, *, imatrix: Mapping[str, np.ndarray] | None = None) -> Path:
+    """llama.cpp's own mix (`Q4_K_M`, `IQ2_XS`, …) with its own rules and fallbacks: the rival a
+    windq plan is judged against. Written atomically, like every windq output."""
+    name = f"MOSTLY_{mix}"
+    if name not in gguf.LlamaFileType.__members__:
+        raise ExportError(f"{mix}: not a llama.cpp file type (for example Q4_K_M, IQ2_XS, Q8_0)")
+    with atomic_output(out) as tmp:
+        llama_quantize.quantize_file(str(model.path), str(tmp), ftype=int(gguf.LlamaFileType[name]), imatrix=dict(imatrix) if imatrix else None)
+    return Path(out)
+
+
+def quantize_bare(model: GGUFModel, plan: Plan, out: str | Path, *, imatrix: Mapping[str, np.ndarray] | None = None) -> Path:
+    """The plan's quantization as one bare llama_model_quantize call, with no validation and no
+    read-back: only for measuring what `export_gguf`'s checks cost (the bench's export ratio)."""
+    overrides = {name: registry.get(t).id for name, t in plan.tensors.items()}
+    llama_quantize.quantize_file(
+        str(model.path), str(out), ftype=llama_quantize.ftype_for("Q8_0"), pure=True, overrides=overrides,
+        imatrix=dict(imatrix) if imatrix else None,
+    )  # fmt: skip
+    return Path(out)
 
 
 def verify_against_plan(written: GGUFModel, source: GGUFModel, plan: Plan) -> None:
@@ -87,11 +108,9 @@ def verify_against_plan(written: GGUFModel, source: GGUFModel, plan: Plan) -> No
 
 def write_recipe(plan: Plan, path: str | Path) -> Path:
     """The plan as a `--tensor-type-file` for stock llama-quantize (one `pattern=type` per line)."""
-    lines = [f"{llama.exact_pattern(name)}={t.lower()}" for name, t in plan.tensors.items()]
+    lines = [f"{llama_quantize.exact_pattern(name)}={t.lower()}" for name, t in plan.tensors.items()]
     return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _ftype_name(ftype: int) -> str:
-    import gguf
-
     return gguf.LlamaFileType(ftype).name

@@ -28,10 +28,11 @@ import numpy as np
 
 from windq.errors import UnsupportedModelError
 from windq.files import atomic_output
-from windq.models.gguf_model import GGUFModel
+from windq.keys import Keys
+from windq.models.gguf_model import GGUFModel, tensor_kind
 
-REAL_WEIGHTS_KEY = "windq.align.real_weights"
-ORIGINAL_WIDTH_KEY = "windq.align.original_embedding_length"
+K = gguf.MODEL_TENSOR
+
 SUPPORTED = ("llama",)
 
 
@@ -99,23 +100,23 @@ def align_gguf(model: GGUFModel, out: str | Path, to: int = 256) -> AlignReport:
 
     tensors: dict[str, np.ndarray] = {}
     for name, info in model.tensors.items():
-        kind = name.split(".")[-2] if name.startswith("blk.") else name.removesuffix(".weight")
+        kind = tensor_kind(name)
         w = model.dequantized(name) if len(info.shape) > 1 else np.asarray(model.raw(name), dtype=np.float32)
-        if kind in ("attn_norm", "ffn_norm", "output_norm"):
+        if kind in (K.ATTN_NORM, K.FFN_NORM, K.OUTPUT_NORM):
             v = np.zeros(a.n_embd, dtype=np.float32)
             v[: g.n_embd] = w.reshape(-1) * np.float32(math.sqrt(r))
             tensors[name] = v
-        elif kind in ("token_embd", "output"):
+        elif kind in (K.TOKEN_EMBD, K.OUTPUT):
             tensors[name] = _pad(w, w.shape[0], a.n_embd)
-        elif kind == "attn_q":
+        elif kind == K.ATTN_Q:
             tensors[name] = _pad(w, a.n_head * a.head_dim, a.n_embd)
-        elif kind in ("attn_k", "attn_v"):
+        elif kind in (K.ATTN_K, K.ATTN_V):
             tensors[name] = _pad(w, a.n_head_kv * a.head_dim, a.n_embd)
-        elif kind == "attn_output":
+        elif kind == K.ATTN_OUT:
             tensors[name] = _pad(w, a.n_embd, a.n_head * a.head_dim)
-        elif kind in ("ffn_gate", "ffn_up"):
+        elif kind in (K.FFN_GATE, K.FFN_UP):
             tensors[name] = _pad(w, a.n_ff, a.n_embd)
-        elif kind == "ffn_down":
+        elif kind == K.FFN_DOWN:
             tensors[name] = _pad(w, a.n_embd, a.n_ff)
         else:
             raise UnsupportedModelError(f"{model.path.name}: tensor {name} has no alignment rule (only dense llama layers)")
@@ -129,8 +130,8 @@ def align_gguf(model: GGUFModel, out: str | Path, to: int = 256) -> AlignReport:
         f"{arch}.attention.value_length": (a.head_dim, gguf.GGUFValueType.UINT32),
         f"{arch}.attention.layer_norm_rms_epsilon": (eps * r, gguf.GGUFValueType.FLOAT32),
         gguf.Keys.General.FILE_TYPE: (int(gguf.LlamaFileType.ALL_F32), gguf.GGUFValueType.UINT32),
-        REAL_WEIGHTS_KEY: (model.n_real_weights, gguf.GGUFValueType.UINT64),
-        ORIGINAL_WIDTH_KEY: (g.n_embd, gguf.GGUFValueType.UINT32),
+        Keys.Align.REAL_WEIGHTS: (model.n_real_weights, gguf.GGUFValueType.UINT64),
+        Keys.Align.ORIGINAL_WIDTH: (g.n_embd, gguf.GGUFValueType.UINT32),
     }
     out = Path(out)
     with atomic_output(out) as tmp:

@@ -167,13 +167,16 @@ def _hf_tokenize(hf_dir: Path, text: str) -> list[int]:
 
 
 def _llama_tokenize(vocab_gguf: Path, text: str) -> list[int] | None:
-    """llama.cpp's tokens for `text` from a vocabulary-only GGUF; None if llama.cpp refuses the file."""
-    from windq.export import llama
+    """llama.cpp's tokens for `text` from a vocabulary-only GGUF; None if llama.cpp does not know
+    the file's pre-tokenizer name. Any other load failure is raised as it is."""
+    from windq import llamacpp
 
     try:
-        llm = llama.load_llama(vocab_gguf, vocab_only=True)
-    except Exception:  # an unknown pre-tokenizer name is a load error
-        return None
+        llm = llamacpp.load_llama(vocab_gguf, vocab_only=True)
+    except InputError as e:
+        if "pre-tokenizer" in str(e):  # llama.cpp: "unknown pre-tokenizer type: 'NAME'"
+            return None
+        raise
     try:
         return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import gguf
 import numpy as np
 
 from windq.errors import InputError
-from windq.export import ggml
+from windq.keys import Keys
+from windq import ggml
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,31 @@ class TensorInfo:
     @property
     def type_name(self) -> str:
         return gguf.GGMLQuantizationType(self.type_id).name
+
+
+# Tensor kinds are gguf-py's MODEL_TENSOR, named by its TENSOR_NAMES ("blk.{bid}.attn_q"); the
+# first kind listed wins where two share a name.
+_KIND_BY_NAME: dict[str, gguf.MODEL_TENSOR] = {}
+for _kind, _name in gguf.TENSOR_NAMES.items():
+    _KIND_BY_NAME.setdefault(_name, _kind)
+_BLOCK = re.compile(r"^blk\.\d+\.")
+
+# The weights of one decoder layer, in the order reports and observations list them.
+LAYER_KINDS = (
+    gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K, gguf.MODEL_TENSOR.ATTN_V, gguf.MODEL_TENSOR.ATTN_OUT,
+    gguf.MODEL_TENSOR.FFN_GATE, gguf.MODEL_TENSOR.FFN_UP, gguf.MODEL_TENSOR.FFN_DOWN,
+)  # fmt: skip
+
+
+def tensor_kind(name: str) -> gguf.MODEL_TENSOR | None:
+    """gguf's kind of a GGUF tensor name (`blk.3.attn_output.weight` → ATTN_OUT), None if unknown."""
+    base = name.removesuffix(".weight").removesuffix(".bias")
+    return _KIND_BY_NAME.get(_BLOCK.sub("blk.{bid}.", base))
+
+
+def kind_name(kind: gguf.MODEL_TENSOR) -> str:
+    """The short name of a kind as it appears in tensor names (`attn_output`)."""
+    return gguf.TENSOR_NAMES[kind].removeprefix("blk.{bid}.")
 
 
 def is_quantizable(t: TensorInfo) -> bool:
@@ -105,11 +132,11 @@ class GGUFModel:
     @property
     def n_real_weights(self) -> int:
         """Weights that are not alignment padding: what bits per weight are counted over."""
-        return int(self.field("windq.align.real_weights", self.n_weights))
+        return int(self.field(Keys.Align.REAL_WEIGHTS, self.n_weights))
 
     @property
     def is_aligned(self) -> bool:
-        return self.reader.get_field("windq.align.real_weights") is not None
+        return self.reader.get_field(Keys.Align.REAL_WEIGHTS) is not None
 
     def zero_padded(self, name: str) -> bool:
         """Whether a tensor's padding zeros must survive quantization exactly. Only token_embd's do:
@@ -145,9 +172,3 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def open_model(path: str | Path) -> GGUFModel:
-    return GGUFModel(path)
-
-

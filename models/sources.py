@@ -102,7 +102,7 @@ def _is_eval_article(title: str) -> bool:
 def wiki_text(split: str) -> Text:
     """Lead sections of the embedded Wikipedia dump, joined by blank lines, in title order."""
     if split not in ("calibration", "evaluation"):
-        raise ValueError(split)
+        raise InputError(f"wiki:{split}: the embedded text has the splits calibration and evaluation")
     want_eval = split == "evaluation"
     parts = [body for title, body in _wiki_articles() if _is_eval_article(title) == want_eval]
     return Text(f"wiki:{split}", "\n\n".join(parts))

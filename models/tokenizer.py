@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from windq import llamacpp
 from windq.errors import InputError
-from windq.export import llama
 
 
 # Tokens past a prefix's cut may differ from the whole text's; this many are dropped at the cut.
@@ -16,12 +16,9 @@ _MARGIN = 64
 
 class Tokenizer:
     def __init__(self, path: str | Path, llm=None):
-        lc = llama.llama_cpp()
+        lc = llamacpp.llama_cpp()
         if llm is None:
-            try:
-                llm = llama.load_llama(path, vocab_only=True)
-            except Exception as e:
-                raise InputError(f"{path}: llama.cpp could not load the vocabulary ({llama.last_error()})") from e
+            llm = llamacpp.load_llama(path, vocab_only=True)
             self._owned = llm
         else:
             self._owned = None
@@ -52,3 +49,26 @@ class Tokenizer:
     def close(self) -> None:
         if self._owned is not None:
             self._owned.close()
+
+
+def token_chunks(
+    path: str | Path, text: str, ctx: int, *, max_chunks: int | None = None, min_chunks: int = 1, text_name: str = "text"
+) -> np.ndarray:
+    """`text` as (n, ctx) token chunks, cut as llama-imatrix and llama-perplexity cut them: tokenized
+    once by the GGUF's own vocabulary, BOS first if it adds one, whole chunks only, and each chunk's
+    first token set to BOS where the vocabulary uses one (every chunk runs from an empty cache).
+    Calibration, evaluation and the bench all cut their tokens here."""
+    tok = Tokenizer(path)
+    try:
+        tokens = tok.tokenize(text, max_tokens=None if max_chunks is None else max(max_chunks, min_chunks) * ctx)
+    finally:
+        tok.close()
+    n = len(tokens) // ctx if max_chunks is None else min(max_chunks, len(tokens) // ctx)
+    if n < min_chunks:
+        raise InputError(
+            f"{text_name}: too short, {len(tokens)} tokens where {min_chunks} × {ctx} are needed; give more text or a smaller --ctx"
+        )
+    chunks = tokens[: n * ctx].reshape(n, ctx).copy()
+    if tok.add_bos:
+        chunks[:, 0] = tok.bos
+    return chunks

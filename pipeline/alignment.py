@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Callable
 
 from windq.errors import BudgetError, UnsupportedModelError
+from windq.export.quantize import export_gguf
+from windq.export.scoring import evaluate_chunks
 from windq.models.align import aligned_geometry, align_gguf, geometry
 from windq.models.gguf_model import GGUFModel
-from windq.pipeline.calibrate import IMATRIX_FILE, META_FILE, load_tokens, pad_calibration
+from windq.keys import CalibrationFiles
+from windq.pipeline.calibrate import load_tokens, pad_calibration
 from windq.pipeline.imatrix import load_imatrix, read_imatrix
-from windq.pipeline.plan import Plan
+from windq.plan import Plan
 from windq.pipeline.planner import PlanConfig, PlannerResult, run_planner
 
 ALIGNED_MODEL_FILE = "model.gguf"
@@ -42,11 +45,11 @@ def aligned_workspace(model: GGUFModel, statsdir: str | Path, to: int = 256) -> 
     statsdir = Path(statsdir)
     work = statsdir / f"aligned-{to}"
     path = work / ALIGNED_MODEL_FILE
-    meta = work / META_FILE
+    meta = work / CalibrationFiles.META
     if not path.is_file():
         align_gguf(model, path, to)
     aligned = GGUFModel(path)
-    source_sha = read_imatrix(statsdir / IMATRIX_FILE).sha256()
+    source_sha = read_imatrix(statsdir / CalibrationFiles.IMATRIX).sha256()
     if not meta.is_file() or json.loads(meta.read_text()).get("padded_from_imatrix_sha256") != source_sha:
         pad_calibration(statsdir, work, aligned)
     return aligned, work
@@ -71,9 +74,6 @@ def plan_with_alignment(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[PlannerResult, GGUFModel, list[Candidate]]:
     """Both plans at `cfg.bpw`; returns the better one, the model it is for, and what was measured."""
-    from windq.evaluators.perplexity import evaluate_chunks
-    from windq.export.quantize import export_gguf
-
     statsdir = Path(statsdir)
     aligned, work = aligned_workspace(model, statsdir, to)
     options = [(None, model, statsdir), (to, aligned, work)]
@@ -94,7 +94,7 @@ def plan_with_alignment(
             paths = []
             for align, m, stats in options:
                 path = Path(tmp) / f"align-{align}.gguf"
-                export_gguf(m, results[align].plan, path, imatrix=load_imatrix(stats / IMATRIX_FILE, m).data, nthread=cfg.threads or 0)
+                export_gguf(m, results[align].plan, path, imatrix=load_imatrix(stats / CalibrationFiles.IMATRIX, m).data, threads=cfg.threads)
                 paths.append(path)
             bar = (lambda d, t: progress("alignment", d, t)) if progress else None
             evals = evaluate_chunks(paths, tokens, text_name="held-in calibration tokens", ref_path=model.path, threads=cfg.threads, progress=bar)

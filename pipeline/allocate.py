@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
-
 import numpy as np
 
-from windq.errors import BudgetError
-from windq.export import registry
+from windq.errors import BudgetError, PlanError
+from windq import registry
 from windq.models.gguf_model import GGUFModel
 from windq.pipeline.sensitivity import Tables
 
@@ -49,7 +47,7 @@ class Problem:
         return float(sum(u.error[c] for u, c in zip(self.units, choice)))
 
     def bpw(self, nbytes: int) -> float:
-        return nbytes * 8 / self.n_weights
+        return registry.bits_per_weight(nbytes, self.n_weights)
 
     def budget_bytes(self, bpw: float) -> int:
         # the epsilon keeps a budget read back from an achieved figure (bytes·8/n) at those bytes
@@ -165,18 +163,15 @@ def solve_lagrangian(p: Problem, budget: int) -> np.ndarray:
     lo, hi = 0.0, 1.0
     while p.bytes_of(_lagrange_choice(p, hi)) > budget:
         hi *= 4
-        if hi > 1e30:
-            break
+        if hi > 1e30:  # errors so large no price of a byte outweighs them (non-finite tables)
+            raise PlanError("the Lagrangian search found no price of a byte that meets the budget; the error tables hold non-finite values")
     for _ in range(100):
         mid = (lo + hi) / 2
         if p.bytes_of(_lagrange_choice(p, mid)) > budget:
             lo = mid
         else:
             hi = mid
-    choice = _lagrange_choice(p, hi)
-    if p.bytes_of(choice) > budget:
-        choice = cheapest
-    return greedy_fill(p, choice, budget)
+    return greedy_fill(p, _lagrange_choice(p, hi), budget)  # hi always fits
 
 
 def greedy_fill(p: Problem, choice: np.ndarray, budget: int, *, allow_zero_gain: bool = False) -> np.ndarray:
@@ -271,7 +266,3 @@ def tensor_types(p: Problem, choice: np.ndarray) -> dict[str, str]:
     if p.granularity != "tensor":
         raise ValueError("only a tensor-granularity choice maps to one type per tensor")
     return {u.tensor: u.types[c] for u, c in zip(p.units, choice)}
-
-
-def choice_from_types(p: Problem, types: Mapping[str, str]) -> np.ndarray:
-    return np.array([u.types.index(types[u.tensor]) for u in p.units])

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
-from unittest import mock
 
 import gguf
 import numpy as np
@@ -27,15 +26,15 @@ import numpy as np
 from windq import __version__
 from windq.errors import CalibrationError, UnsupportedModelError
 from windq.files import atomic_output, atomic_write_text, load_array, load_arrays
+from windq.keys import CalibrationFiles
 from windq.models.gguf_model import GGUFModel
 from windq.models.sources import Text
-from windq.models.tokenizer import Tokenizer
+from windq.models.tokenizer import token_chunks
 from windq.pipeline.imatrix import Imatrix, save_imatrix
 
-IMATRIX_FILE = "imatrix.gguf"
-ACTIVATIONS_FILE = "activations.npz"
-TOKENS_FILE = "tokens.npy"
-META_FILE = "calibration.json"
+IMATRIX_FILE, ACTIVATIONS_FILE, TOKENS_FILE, META_FILE = (
+    CalibrationFiles.IMATRIX, CalibrationFiles.ACTIVATIONS, CalibrationFiles.TOKENS, CalibrationFiles.META,
+)
 
 # transformers' GGUF loader knows more, but the name mapping and the planner are tested on llama only.
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -96,22 +95,44 @@ def load_torch_model(model: GGUFModel):
         )
     import torch
     from transformers import AutoModelForCausalLM
+
+    with quiet_transformers():
+        m = AutoModelForCausalLM.from_pretrained(str(model.path.parent), gguf_file=model.path.name, dtype=torch.float32)
+    return m.eval()
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers silent for the block (library code must not print), then as it was: its log
+    level, its progress-bar switch, and the GGUF loader's own tqdm (which ignores that switch, so
+    it is swapped for a pass-through)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_loader
     from transformers.utils import logging as hf_logging
 
-    import transformers.modeling_gguf_pytorch_utils as gguf_loader
-
+    level, bars, loader_tqdm = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), gguf_loader.tqdm
     hf_logging.set_verbosity_error()
-    # the GGUF loader draws its own tqdm bar, which ignores transformers' progress-bar switch;
-    # library code must not print, so it is replaced by a pass-through while loading
-    bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    gguf_loader.tqdm = lambda it, **_: it
     try:
-        with mock.patch.object(gguf_loader, "tqdm", lambda it, **_: it):
-            m = AutoModelForCausalLM.from_pretrained(str(model.path.parent), gguf_file=model.path.name, dtype=torch.float32)
+        yield
     finally:
-        if bars_were_on:
+        gguf_loader.tqdm = loader_tqdm
+        hf_logging.set_verbosity(level)
+        if bars:
             hf_logging.enable_progress_bar()
-    return m.eval()
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set for the block, then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def module_to_tensor(model: GGUFModel, torch_model) -> dict[str, str]:
@@ -169,23 +190,13 @@ def calibrate(
     import torch
 
     t0 = time.perf_counter()
-    tok = Tokenizer(model.path)
-    tokens = tok.tokenize(text.content, max_tokens=cfg.tokens)
-    tok.close()
-    n_chunks = min(cfg.tokens, len(tokens)) // cfg.ctx
-    if n_chunks < 1:
-        raise CalibrationError(
-            f"{text.name}: {len(tokens)} tokens, shorter than one context of {cfg.ctx}; give more text or a smaller --ctx"
-        )
-    tokens = tokens[: n_chunks * cfg.ctx].reshape(n_chunks, cfg.ctx).copy()
-    if tok.add_bos:
-        tokens[:, 0] = tok.bos  # as llama-imatrix does at the start of every chunk
+    tokens = token_chunks(model.path, text.content, cfg.ctx, max_chunks=cfg.tokens // cfg.ctx, text_name=text.name)
+    n_chunks = len(tokens)
 
-    torch.set_num_threads(cfg.threads)
     tm = load_torch_model(model)
     names = module_to_tensor(model, tm)
     stats: dict[str, ActivationStats] = {}
-    with torch.inference_mode(), observe_linear_inputs(tm, names, stats):
+    with torch_threads(cfg.threads), torch.inference_mode(), observe_linear_inputs(tm, names, stats):
         for i in range(n_chunks):
             tm(torch.from_numpy(tokens[i : i + 1]), use_cache=False)
             if progress:

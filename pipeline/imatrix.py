@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
-
 import gguf
 import numpy as np
 
@@ -33,12 +31,14 @@ class Imatrix:
 
     @property
     def data(self) -> dict[str, np.ndarray]:
-        """Per-column importance as llama-quantize computes it from the file: sums / counts."""
-        return {
-            name: (np.asarray(s, dtype=np.float32) / np.float32(self.counts[name])) if self.counts[name] > 0
-            else np.ones(len(s), dtype=np.float32)
-            for name, s in self.sums.items()
-        }  # fmt: skip
+        """Per-column importance as llama-quantize computes it from the file: sums / counts. A tensor
+        that saw no tokens has no importance to give; it is refused, never replaced by ones."""
+        empty = [name for name, c in self.counts.items() if c <= 0]
+        if empty:
+            raise CalibrationError(
+                f"imatrix entry {empty[0]} saw no tokens ({len(empty)} such); calibrate on more text or drop the entry"
+            )
+        return {name: np.asarray(s, dtype=np.float32) / np.float32(self.counts[name]) for name, s in self.sums.items()}
 
     def sha256(self) -> str:
         h = hashlib.sha256()
@@ -75,7 +75,10 @@ def read_imatrix(path: str | Path) -> Imatrix:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise InputError(f"{path}: not a GGUF imatrix (legacy .dat files: convert them with llama-imatrix --output-format gguf)")
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf-py raises bare ValueError/struct/index errors on a damaged file
+        raise InputError(f"{path}: unreadable imatrix GGUF ({type(e).__name__}: {e})") from None
     sums, counts = {}, {}
     for t in reader.tensors:
         if t.name.endswith(_SUMS):
@@ -117,8 +120,3 @@ def load_imatrix(path: str | Path, model: GGUFModel) -> Imatrix:
     im = read_imatrix(path)
     check_matches(im, model, source=str(path))
     return im
-
-
-def from_data(data: Mapping[str, np.ndarray], count: int = 1) -> Imatrix:
-    """An Imatrix whose importance is `data` (used to pass in-memory values through the file format)."""
-    return Imatrix(sums={k: np.asarray(v, np.float32) * count for k, v in data.items()}, counts={k: count for k in data})

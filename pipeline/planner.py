@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -12,12 +12,11 @@ import numpy as np
 from windq.errors import CalibrationError, InputError
 from windq.models.gguf_model import GGUFModel
 from windq.pipeline import allocate
-from windq.pipeline.calibrate import META_FILE, load_activation_stats, load_tokens
+from windq.keys import CalibrationFiles
+from windq.pipeline.calibrate import load_activation_stats, load_tokens
 from windq.pipeline.imatrix import load_imatrix
-from windq.pipeline.plan import Plan, make_plan
+from windq.plan import Plan, make_plan
 from windq.pipeline.sensitivity import Tables, load_or_compute
-
-METHODS = ("knapsack", "ppo", "uniform", "random")
 
 
 @dataclass(frozen=True)
@@ -51,13 +50,57 @@ class PlannerResult:
     chunk_proxy_error: float | None = None
     ppo: object | None = None  # PPOResult
     policy: object | None = None  # the PPO policy network trained or applied (`ppo.save_policy` writes it)
-    extras: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything an allocator may use: the model, its calibration, the problem to solve."""
+
+    model: GGUFModel
+    statsdir: Path
+    tables: Tables
+    problem: allocate.Problem  # at the plan's granularity
+    tensor_problem: allocate.Problem
+    imatrix: dict[str, np.ndarray]
+    cfg: "PlanConfig"
+    policy: object | None  # a loaded --policy
+    progress: Callable[[int, int], None] | None
+
+
+@dataclass(frozen=True)
+class Allocation:
+    choice: np.ndarray  # an option index per unit of job.problem
+    ppo: object | None = None  # PPOResult
+    policy: object | None = None
+
+
+def _knapsack(job: Job) -> Allocation:
+    return Allocation(allocate.knapsack(job.problem, job.cfg.bpw))
+
+
+def _uniform(job: Job) -> Allocation:
+    return Allocation(allocate.uniform(job.problem, job.cfg.bpw))
+
+
+def _random(job: Job) -> Allocation:
+    return Allocation(allocate.random_plan(job.problem, job.cfg.bpw, np.random.default_rng(job.cfg.seed)))
+
+
+def _ppo(job: Job) -> Allocation:
+    choice, result, policy = _run_ppo(
+        job.model, job.statsdir, job.tables, job.problem, job.tensor_problem, job.imatrix, job.cfg, job.policy, job.progress
+    )
+    return Allocation(choice, result, policy)
+
+
+# The allocators `--method` offers: a new one is a function of a Job and an entry here.
+METHODS: dict[str, Callable[[Job], Allocation]] = {"knapsack": _knapsack, "ppo": _ppo, "uniform": _uniform, "random": _random}
 
 
 def _check_stats(model: GGUFModel, statsdir: Path) -> None:
-    meta_path = statsdir / META_FILE
+    meta_path = statsdir / CalibrationFiles.META
     if not meta_path.is_file():
-        raise CalibrationError(f"{statsdir}: not a calibration folder (no {META_FILE}); run `windq calibrate` first")
+        raise CalibrationError(f"{statsdir}: not a calibration folder (no {CalibrationFiles.META}); run `windq calibrate` first")
     meta = json.loads(meta_path.read_text())
     if meta.get("model_sha256") != model.sha256:
         raise CalibrationError(f"{statsdir} was calibrated on {meta.get('model')}, not {model.path.name}; calibrate this model")
@@ -84,7 +127,7 @@ def run_planner(
         from windq.pipeline import ppo
 
         policy = ppo.load_policy(cfg.policy)
-    im = load_imatrix(statsdir / "imatrix.gguf", model)
+    im = load_imatrix(statsdir / CalibrationFiles.IMATRIX, model)
     data = im.data
 
     def bar(stage):
@@ -99,15 +142,8 @@ def run_planner(
     tp.check_budget(cfg.bpw)
     prob = tp if group is None else allocate.build_problem(model, tables, granularity=cfg.granularity, allowed=cfg.types)
 
-    ppo_result = None
-    if cfg.method == "knapsack":
-        choice = allocate.knapsack(prob, cfg.bpw)
-    elif cfg.method == "uniform":
-        choice = allocate.uniform(prob, cfg.bpw)
-    elif cfg.method == "random":
-        choice = allocate.random_plan(prob, cfg.bpw, np.random.default_rng(cfg.seed))
-    else:
-        choice, ppo_result, policy = _run_ppo(model, statsdir, tables, prob, tp, data, cfg, policy, bar("ppo"))
+    allocation = METHODS[cfg.method](Job(model, statsdir, tables, prob, tp, data, cfg, policy, bar(cfg.method)))
+    choice, ppo_result, policy = allocation.choice, allocation.ppo, allocation.policy
 
     chunk_error = None
     if group is not None:
@@ -123,6 +159,11 @@ def run_planner(
         "proxy_error": tp.error_of(tchoice),
         "allowed_types": list(cfg.types) if cfg.types else None,
     }
+    # llama-imatrix collects nothing for some tensors (token_embd; output when tied): the tables
+    # weight their error by the mean importance of the others (sensitivity.py), recorded here
+    missing = sorted(set(tables.tensors) - set(data))
+    if missing:
+        prov["importance_substituted"] = {"tensors": missing, "by": "mean importance of the tensors with imatrix data"}
     if chunk_error is not None:
         prov["chunk_proxy_error"] = chunk_error
         prov["chunk_types"] = _chunk_types(prob, choice)

@@ -30,17 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
+import gguf
 import gymnasium as gym
 import numpy as np
 
 from windq import __version__
 from windq.errors import InputError
-from windq.export import registry
+from windq import registry
 from windq.files import atomic_output
+from windq.models.gguf_model import LAYER_KINDS, kind_name
 from windq.pipeline.allocate import Problem, knapsack
 
 TYPES = registry.OFFERED  # the action space: one action per offered type, the same for every model
-KINDS = ("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+KINDS = tuple(kind_name(k) for k in (gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.OUTPUT, *LAYER_KINDS))
 _EPS = 1e-12
 _OBS_BOUND = 10.0  # features are scaled to about [-2, 2]; the bound only guards outliers
 
@@ -71,6 +73,9 @@ class UnitFeatures:
 
 
 def _kind(tensor: str) -> int:
+    # Observation layout 1 matches by substring, so `attn_output.weight` takes `output`'s slot; kept
+    # as it is so saved policies and the bench's PPO figures stay valid (the planner issue fixes it
+    # with a new layout version).
     for i, k in enumerate(KINDS):
         if f"{k}.weight" in tensor:
             return i
@@ -178,7 +183,7 @@ class AllocationEnv(gym.Env):
         done_w = self.spent - self.p.fixed_bytes
         return np.concatenate([
             self.features.static[i],
-            [left / room, left / max(1, self.budget), done_w * 8 / self.p.n_weights, self.bpw / 16],
+            [left / room, left / max(1, self.budget), self.p.bpw(done_w), self.bpw / 16],
         ]).clip(-_OBS_BOUND, _OBS_BOUND).astype(np.float32)  # fmt: skip
 
     def action_masks(self) -> np.ndarray:

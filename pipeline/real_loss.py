@@ -13,7 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
-from windq.export import ggml, registry
+from windq import ggml, registry
 from windq.models.gguf_model import GGUFModel
 from windq.pipeline.calibrate import load_torch_model, module_to_tensor
 

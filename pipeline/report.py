@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from windq.export import registry
+from windq import registry
 from windq.files import atomic_output
-from windq.pipeline.plan import Plan
+from windq.models.gguf_model import LAYER_KINDS, kind_name
+from windq.plan import Plan
 
-KIND_ORDER = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+KIND_ORDER = tuple(kind_name(k) for k in LAYER_KINDS)
 
 
 def _grid(plan: Plan) -> tuple[np.ndarray, list[str]]:
@@ -62,6 +63,9 @@ def summary(plan: Plan, proxy_error: float, chunk_proxy_error: float | None = No
         knap = "" if ppo.knapsack_kl is None else f", knapsack plan {ppo.knapsack_kl:.5f}"
         lines.append(f"PPO: {ppo.episodes} episodes, plan from the {ppo.source}; held-in KL {ppo.kl:.5f}{knap}")
     lines.append("types: " + ", ".join(f"{t}×{n}" for t, n in plan.type_counts().items()))
+    sub = plan.provenance.get("importance_substituted")
+    if sub:
+        lines.append(f"no imatrix data for {', '.join(sub['tensors'])}: their error is weighted by the {sub['by']}")
     grid, others = _grid(plan)
     for k, row in zip(KIND_ORDER, grid):
         if not np.isnan(row).all():

@@ -31,7 +31,7 @@ from typing import Callable, Collection, Mapping
 import numpy as np
 
 from windq.errors import InputError
-from windq.export import ggml, registry
+from windq import ggml, registry
 from windq.files import atomic_output, load_arrays
 from windq.models.gguf_model import GGUFModel, TensorInfo
 

@@ -6,13 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from windq.export import llama
+from windq.export import llama_quantize
 from windq.models.gguf_model import GGUFModel
 
 
 def stock_quantize(src: Path, dst: Path, type_name: str, imatrix=None) -> GGUFModel:
     """llama.cpp's quantizer with a file type and `pure`, no windq overrides: the reference."""
-    llama.quantize_file(str(src), str(dst), ftype=llama.ftype_for(type_name), pure=True, imatrix=imatrix)
+    llama_quantize.quantize_file(str(src), str(dst), ftype=llama_quantize.ftype_for(type_name), pure=True, imatrix=imatrix)
     return GGUFModel(dst)
 
 

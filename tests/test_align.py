@@ -7,14 +7,15 @@ import pytest
 from helpers import assert_one_line_error, windq
 from windq.errors import IllegalTypeError
 from windq.evaluators.perplexity import evaluate
-from windq.export import ggml, registry
+from windq import ggml, registry
 from windq.export.quantize import export_gguf
 from windq.models.align import align_gguf
 from windq.models.gguf_model import GGUFModel
 from windq.models.synthetic import SyntheticConfig, write_synthetic_gguf
-from windq.pipeline.plan import make_plan, uniform_plan, validate
+from windq.plan import make_plan, uniform_plan, validate
 
 ODD = SyntheticConfig(n_embd=192, n_head=3, n_head_kv=1, n_ff=320)  # SmolLM2's awkwardness, smaller
+NATIVE = SyntheticConfig(n_embd=256, n_head=4, n_head_kv=1, n_ff=512)  # the aligned widths, with no padding
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +59,20 @@ def test_function_holds_after_quantizing_with_a_block_32_type(odd, sample_text, 
 
 
 def test_k_types_become_legal_and_keep_the_function_close(odd, sample_text, tmp_path):
+    """Q6_K cannot be written unaligned; aligned, its file is as close to the source as Q6_K is on a
+    model whose widths fit it natively (the same weights' distribution, no padding): padding that
+    leaked into the real channels would show as a far larger KLD."""
     src, report = odd
     s, a = GGUFModel(src), GGUFModel(report.path)
     with pytest.raises(IllegalTypeError):
         uniform_plan(s, "Q6_K")
     q6k = export_gguf(a, uniform_plan(a, "Q6_K"), tmp_path / "al-q6k.gguf").path
-    q5 = export_gguf(s, uniform_plan(s, "Q5_0"), tmp_path / "q5_0.gguf").path
     aligned = evaluate(q6k, sample_text, ctx=128, max_chunks=4, ref_path=src)
-    unaligned = evaluate(q5, sample_text, ctx=128, max_chunks=4, ref_path=src)
-    assert aligned.kld < unaligned.kld
+    native_src = write_synthetic_gguf(tmp_path / "native.gguf", NATIVE)
+    native = export_gguf(GGUFModel(native_src), uniform_plan(GGUFModel(native_src), "Q6_K"), tmp_path / "native-q6k.gguf").path
+    baseline = evaluate(native, sample_text, ctx=128, max_chunks=4, ref_path=native_src)
+    # measured: 0.053 aligned against 0.050 native
+    assert aligned.kld < 1.5 * baseline.kld, (aligned.kld, baseline.kld)
 
 
 @pytest.mark.parametrize("name", registry.OFFERED)

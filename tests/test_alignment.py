@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import assert_one_line_error, windq
-from windq.evaluators.perplexity import evaluate_chunks
+from windq.export.scoring import evaluate_chunks
 from windq.models.gguf_model import GGUFModel
 from windq.models.sources import Text
 from windq.models.synthetic import SyntheticConfig, write_synthetic_gguf
@@ -16,6 +16,9 @@ from windq.pipeline.alignment import aligned_workspace, can_align, plan_with_ali
 from windq.pipeline.calibrate import CalibrationConfig, calibrate, load_tokens, save_calibration
 from windq.pipeline.imatrix import read_imatrix
 from windq.pipeline.planner import PlanConfig
+
+# every test here plans, exports and measures both sides through llama.cpp
+pytestmark = pytest.mark.slow
 
 
 # 448 wide (→ 512), 7 heads (→ 8), ffn 960 (→ 1024): padding costs about a fifth, as on many edge models

@@ -1,8 +1,10 @@
+import pytest
 import json
 
 from windq.evaluators.bench import Row, quick_config, run_bench, size_at_equal_ppl
 
 
+@pytest.mark.slow  # a long end-to-end run through llama.cpp
 def test_quick_bench_runs_end_to_end_and_resumes(synthetic_gguf, tmp_path):
     cfg = quick_config(str(synthetic_gguf))
     first = run_bench(cfg, tmp_path)
@@ -37,7 +39,7 @@ def test_lockstep_eval_resumes_chunk_by_chunk_to_the_same_scores(synthetic_gguf,
     """An evaluation stopped after one chunk and resumed scores exactly what one uninterrupted
     pass scores, and both equal evaluate_chunks (no cache, one runner per model)."""
     from windq.evaluators.bench import EvalCache, evaluate_lockstep
-    from windq.evaluators.perplexity import evaluate_chunks, summarize
+    from windq.export.scoring import evaluate_chunks, summarize
     from windq.models.tokenizer import Tokenizer
 
     from helpers import stock_quantize

@@ -6,13 +6,13 @@ import pytest
 
 from helpers import assert_same_tensor_bytes
 from helpers import assert_one_line_error, windq
-from windq.errors import CalibrationError
+from windq.errors import CalibrationError, InputError
 from windq.export.quantize import export_gguf
 from windq.models.gguf_model import GGUFModel
 from windq.models.sources import Text, wiki_text
 from windq.pipeline.calibrate import CalibrationConfig, calibrate, save_calibration
 from windq.pipeline.imatrix import check_matches, load_imatrix, read_imatrix
-from windq.pipeline.plan import make_plan
+from windq.plan import make_plan
 
 FIXTURE = Path(__file__).parent / "data" / "llama-imatrix-synthetic.gguf"
 FIXTURE_MODEL_SHA = "58f40b35d30f2d67cc37627f0efebd8370183606c6a3256c1ea43a450c1c66af"
@@ -65,20 +65,21 @@ def test_llama_imatrix_file_is_usable_for_export(synthetic_gguf, tmp_path):
 
 
 def test_text_shorter_than_one_context(synthetic_gguf, tmp_path):
-    with pytest.raises(CalibrationError, match="shorter than one context"):
+    with pytest.raises(InputError, match=r"tiny: too short, \d+ tokens where 1 × 256 are needed"):
         calibrate(GGUFModel(synthetic_gguf), Text("tiny", "a few words"), CalibrationConfig(tokens=512, ctx=256))
     short = tmp_path / "short.txt"
     short.write_text("a few words only")
     r = windq("calibrate", synthetic_gguf, "--text", short, "--out", tmp_path / "cal")
-    assert_one_line_error(r, "shorter than one context")
+    assert_one_line_error(r, "too short", "1 × 512")
     assert not (tmp_path / "cal").exists()
 
 
+@pytest.mark.slow  # the real default model
 def test_imatrix_for_another_model(default_gguf, tmp_path):
     with pytest.raises(CalibrationError, match="another model"):
         check_matches(read_imatrix(FIXTURE), GGUFModel(default_gguf))
     plan = tmp_path / "plan.json"
-    from windq.pipeline.plan import save_plan, uniform_plan
+    from windq.plan import save_plan, uniform_plan
 
     save_plan(uniform_plan(GGUFModel(default_gguf), "Q8_0"), plan)
     r = windq("export", "default", "--plan", plan, "--imatrix", FIXTURE, "--gguf", tmp_path / "out.gguf")
@@ -86,6 +87,7 @@ def test_imatrix_for_another_model(default_gguf, tmp_path):
     assert not (tmp_path / "out.gguf").exists()
 
 
+@pytest.mark.slow  # the CLI end to end, torch loaded in a child process
 def test_calibrate_cli_writes_the_folder(synthetic_gguf, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(wiki_text("calibration").content[:20000])

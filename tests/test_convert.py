@@ -14,7 +14,7 @@ from helpers import hf_dir_from_gguf
 from windq.cli import main
 from windq.errors import InputError, UnsupportedModelError
 from windq.evaluators.perplexity import evaluate
-from windq.export import llama
+from windq.export import llama_quantize
 from windq.models.convert import convert_hf, rope_interleave
 from windq.models.gguf_model import GGUFModel
 from windq.models.tokenizer import Tokenizer
@@ -51,7 +51,7 @@ def test_round_trip_default_model_matches_its_f32(default_gguf, tmp_path, sample
     """The default SmolLM2 (Q4_1) through transformers and back equals llama.cpp's own F32 of it,
     byte for byte, and the byte-level BPE vocabulary gets llama.cpp's `smollm` pre-tokenizer."""
     f32 = tmp_path / "orig-f32.gguf"
-    llama.quantize_file(str(default_gguf), str(f32), ftype=int(gguf.LlamaFileType.ALL_F32))
+    llama_quantize.quantize_file(str(default_gguf), str(f32), ftype=int(gguf.LlamaFileType.ALL_F32))
     hf = hf_dir_from_gguf(default_gguf, tmp_path / "hf")
     report = convert_hf(hf, tmp_path / "rt.gguf")
     assert report.vocab == "gpt2 (pre smollm)"

@@ -7,7 +7,7 @@ from test_perplexity import _direct_ppl
 from windq.evaluators.perplexity import evaluate
 from windq.export.quantize import export_gguf
 from windq.models.gguf_model import GGUFModel
-from windq.pipeline.plan import uniform_plan
+from windq.plan import uniform_plan
 
 pytestmark = pytest.mark.slow
 

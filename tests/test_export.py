@@ -5,7 +5,7 @@ from helpers import assert_same_tensor_bytes, stock_quantize
 from windq.errors import ExportError
 from windq.export.quantize import export_gguf, write_recipe
 from windq.models.gguf_model import GGUFModel
-from windq.pipeline.plan import make_plan, uniform_plan
+from windq.plan import make_plan, uniform_plan
 
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_K", "Q6_K"])

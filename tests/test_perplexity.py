@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from windq.errors import InputError
-from windq.evaluators.perplexity import evaluate, log_softmax
+from windq.evaluators.perplexity import evaluate
+from windq.export.scoring import log_softmax
 
 
 def test_log_softmax_matches_definition():
@@ -18,7 +19,7 @@ def _direct_ppl(path, text: str, ctx: int, chunks: int) -> float:
     """An independent computation: llama-cpp-python's own logits_to_logprobs, one chunk at a time."""
     from llama_cpp import Llama
 
-    from windq.export.llama import load_llama
+    from windq.llamacpp import load_llama
 
     llm = load_llama(path, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True)
     tokens = llm.tokenize(text.encode(), add_bos=True, special=False)
@@ -51,5 +52,5 @@ def test_kld_against_itself_is_zero(synthetic_gguf, sample_text):
 
 
 def test_too_short_text_is_refused(synthetic_gguf):
-    with pytest.raises(InputError, match="needs at least 256"):
+    with pytest.raises(InputError, match="where 2 × 128 are needed"):
         evaluate(synthetic_gguf, "too short", ctx=128)

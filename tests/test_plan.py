@@ -4,7 +4,7 @@ import pytest
 
 from windq.errors import IllegalTypeError, InputError, PlanError
 from windq.models.gguf_model import GGUFModel
-from windq.pipeline.plan import bits_per_weight, file_bytes, load_plan, make_plan, save_plan, uniform_plan, validate
+from windq.plan import bits_per_weight, file_bytes, load_plan, make_plan, save_plan, uniform_plan, validate
 
 
 def test_save_load_round_trip(synthetic_gguf, tmp_path):
@@ -68,7 +68,7 @@ def test_load_rejects_typos_and_unknown_types(tmp_path, synthetic_gguf):
     d = json.loads(uniform_plan(m, "Q8_0").to_json())
     d["tensors"]["blk.0.attn_q.weight"] = "Q9_9"
     (tmp_path / "badtype.json").write_text(json.dumps(d))
-    with pytest.raises(Exception, match="Q9_9"):
+    with pytest.raises(PlanError, match="badtype.json: .*unknown quant type 'Q9_9'"):
         load_plan(tmp_path / "badtype.json")
 
     (tmp_path / "notjson.json").write_text("hello")

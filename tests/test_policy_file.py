@@ -49,16 +49,20 @@ def test_the_crafted_file_is_live_under_sb3s_own_loader(tmp_path):
     assert marker.exists()
 
 
-@pytest.mark.parametrize("name", ["evil.zip", "evil.safetensors"])
-def test_plan_refuses_a_crafted_policy_without_running_it(tmp_path, synthetic_gguf, synthetic_stats, name):
+def test_plan_refuses_a_crafted_policy_without_running_it(tmp_path, synthetic_gguf, synthetic_stats):
     marker = tmp_path / "MARKER"
-    evil = crafted_sb3_zip(tmp_path / name, marker)
+    evil = crafted_sb3_zip(tmp_path / "evil.zip", marker)
     out = tmp_path / "plan.json"
     r = windq("plan", synthetic_gguf, "--stats", synthetic_stats, "--bpw", "4", "--method", "ppo", "--align", "none",
               "--policy", evil, "--out", out)  # fmt: skip
     assert_one_line_error(r, str(evil), "stable-baselines3", "windq-policy")
     assert not marker.exists()
     assert not out.exists()
+    # the same bytes under a safetensors name are refused too (by content, not by name)
+    renamed = evil.rename(tmp_path / "evil.safetensors")
+    with pytest.raises(InputError, match="stable-baselines3"):
+        ppo.load_policy(renamed)
+    assert not marker.exists()
 
 
 def test_policy_round_trip_plans_the_same(tmp_path, synthetic_gguf, synthetic_stats):

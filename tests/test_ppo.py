@@ -1,4 +1,3 @@
-import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
@@ -8,7 +7,7 @@ from windq.models.gguf_model import GGUFModel
 from windq.models.sources import wiki_text
 from windq.pipeline import allocate, ppo
 from windq.pipeline.calibrate import CalibrationConfig, calibrate, save_calibration
-from windq.pipeline.plan import validate
+from windq.plan import validate
 from windq.pipeline.planner import PlanConfig, run_planner
 
 
@@ -17,21 +16,27 @@ def statsdir(synthetic_stats):
     return synthetic_stats
 
 
-class _MaskedSampling(gym.spaces.Discrete):
-    """check_env steps with blind `action_space.sample()`; the env refuses masked actions by design
-    (tested below), so here the checker samples as MaskablePPO acts: among the legal actions."""
+def _open_env(n_units: int = 12) -> ppo.AllocationEnv:
+    """An env on a made-up problem where every offered type is a legal, affordable option for every
+    unit (budget: the most expensive plan), so nothing is ever masked: gymnasium's checker, which
+    steps with blind `action_space.sample()`, can run it exactly as MaskablePPO's env is built."""
+    rng = np.random.default_rng(0)
+    kinds = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+    bits = np.array([ppo.registry.get(t).bits_per_weight for t in ppo.TYPES])
+    units = []
+    for i in range(n_units):
+        name = f"blk.{i // len(kinds)}.{kinds[i % len(kinds)]}.weight"
+        nbytes = (bits * 256 * 256 / 8).astype(np.int64)
+        units.append(allocate.Unit(name, 0, tuple(ppo.TYPES), nbytes, rng.random() * 2.0 ** -bits))
+    p = allocate.Problem(tuple(units), 0, n_units * 256 * 256, "tensor")
+    stats = {u.tensor: np.abs(rng.standard_normal((2, 256))) for u in units}
+    importance = {u.tensor: rng.random(256) for u in units}
+    return ppo.AllocationEnv(p, ppo.unit_features(p, stats, importance), p.reachable_bpw()[1])
 
-    def __init__(self, env):
-        super().__init__(env.action_space.n)
-        self.env = env
 
-    def sample(self, mask=None, probability=None):
-        return super().sample(mask=self.env.action_masks().astype(np.int8))
-
-
-def test_env_passes_gymnasiums_checker(synthetic_gguf, statsdir):
-    env = allocation_env(synthetic_gguf, statsdir)
-    env.action_space = _MaskedSampling(env)
+def test_env_passes_gymnasiums_checker_as_it_is():
+    env = _open_env()
+    assert env.action_masks().all()
     check_env(env, skip_render_check=True)
 
 
@@ -51,18 +56,29 @@ def test_masks_keep_every_episode_in_budget(synthetic_gguf, statsdir):
         env.step(ppo.TYPES.index("F32"))  # far over a 3-bit budget
 
 
-def test_ppo_beats_uniform_and_random_on_the_proxy(synthetic_gguf, statsdir):
+def test_ppo_learns_on_its_own(synthetic_gguf, statsdir):
+    """No warm start and no knapsack seed: the greedy plan of a policy trained for 20 episodes on
+    the proxy reward beats the same policy untrained and the average random plan (measured:
+    891 against 2293 and 1561)."""
+    env = allocation_env(synthetic_gguf, statsdir, bpw=4.0)
+    untrained = env.p.error_of(ppo.apply_policy(ppo.make_model(env, 0, env.n_units), env).choice)
+    model, _ = ppo.train(env, episodes=20, seed=0, warm_start=False)
+    learned = ppo.apply_policy(model, env).choice
+    assert env.p.bytes_of(learned) <= env.budget
+    rng = np.random.default_rng(0)
+    random_mean = np.mean([env.p.error_of(allocate.random_plan(env.p, 4.0, rng)) for _ in range(20)])
+    assert env.p.error_of(learned) < 0.6 * untrained
+    assert env.p.error_of(learned) < random_mean
+
+
+def test_ppo_plans_are_legal_and_in_budget(synthetic_gguf, statsdir):
     m = GGUFModel(synthetic_gguf)
-    cfg = dict(bpw=4.0, real_loss_tokens=0)
-    res = run_planner(m, statsdir, PlanConfig(method="ppo", episodes=4, seed=1, **cfg))
+    res = run_planner(m, statsdir, PlanConfig(bpw=4.0, method="ppo", episodes=2, seed=1, real_loss_tokens=0))
     validate(res.plan, m, imatrix_tensors=set(res.plan.tensors))
     assert res.plan.achieved_bpw <= 4.0
-    uni = run_planner(m, statsdir, PlanConfig(method="uniform", **cfg))
-    rand = [run_planner(m, statsdir, PlanConfig(method="random", seed=s, **cfg)).proxy_error for s in range(5)]
-    assert res.proxy_error < uni.proxy_error
-    assert res.proxy_error < min(rand)
 
 
+@pytest.mark.slow  # a long end-to-end run through llama.cpp
 def test_seeded_runs_reproduce_and_policies_transfer(synthetic_gguf, statsdir, tmp_path):
     m = GGUFModel(synthetic_gguf)
     cfg = PlanConfig(bpw=4.0, method="ppo", episodes=2, seed=3, real_loss_tokens=64)

@@ -3,16 +3,17 @@ import numpy as np
 import pytest
 
 from windq.errors import IllegalTypeError, WindqError
-from windq.export import ggml, registry
+from windq import ggml, registry
 
 
-def test_sizes_come_from_gguf_and_agree_with_libggml():
+def test_sizes_agree_between_gguf_and_libggml():
+    """Two independent sources: gguf-py's table (what the registry is built from) and libggml's own
+    block and type sizes; and the registry's byte counts (ggml_row_size) against gguf's table."""
     for qt in registry.registry().values():
+        assert (qt.block_size, qt.type_size) == (ggml.block_size(qt.id), ggml.type_size(qt.id)), qt.name
         block, size = gguf.GGML_QUANT_SIZES[qt.ggml_type]
-        assert (qt.block_size, qt.type_size) == (block, size)
-        # a row of 4 blocks: the registry's byte count is ggml_row_size's
-        assert qt.nbytes((4 * block, 3)) == 3 * ggml.row_size(qt.id, 4 * block)
-        assert qt.bits_per_weight == pytest.approx(size * 8 / block)
+        for blocks, rows in ((1, 1), (4, 3), (9, 7)):
+            assert qt.nbytes((blocks * block, rows)) == blocks * size * rows, qt.name
 
 
 def test_known_bits_per_weight():
@@ -38,8 +39,37 @@ def test_imatrix_requirement_follows_llama_cpp():
     # llama.cpp exempts token_embd, but ggml's own requirement (an abort) still holds there
     emb = {qt.name for qt in registry.legal_types("token_embd.weight", 256, has_imatrix=False)}
     assert "IQ3_XXS" in emb and "IQ2_S" in emb and "IQ2_XXS" not in emb and "IQ1_S" not in emb
-    for qt in registry.registry().values():
-        assert qt.ggml_requires_imatrix == ggml.requires_imatrix(qt.id)
+
+
+_QUANTIZE_WITHOUT_IMATRIX = """
+import ctypes, sys
+import numpy as np
+from windq import ggml
+w = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
+for type_id in map(int, sys.argv[1:]):
+    out = np.empty(2 * ggml.row_size(type_id, 256), dtype=np.uint8)
+    ggml.lib().ggml_quantize_chunk(type_id, w.ctypes.data, out.ctypes.data, 0, 2, 256, None)
+print("ok")
+"""
+
+
+@pytest.mark.slow  # the IQ quantizers' grids take seconds to build
+def test_declared_imatrix_requirement_is_what_libggml_enforces():
+    """ggml aborts the process when a type that needs importance data is quantized without it: each
+    such type is run alone in a child that must die, and all the others together in one that must not."""
+    import signal
+    import subprocess
+    import sys
+
+    def run(*ids):
+        return subprocess.run([sys.executable, "-c", _QUANTIZE_WITHOUT_IMATRIX, *map(str, ids)], capture_output=True, text=True)
+
+    needs = [qt for qt in registry.registry().values() if qt.ggml_requires_imatrix]
+    assert {qt.name for qt in needs} >= {"IQ2_XXS", "IQ2_XS", "IQ1_S"}
+    for qt in needs:
+        assert run(qt.id).returncode == -signal.SIGABRT, qt.name
+    rest = run(*(qt.id for qt in registry.registry().values() if not qt.ggml_requires_imatrix))
+    assert rest.returncode == 0 and rest.stdout.strip() == "ok", rest.stderr
 
 
 def test_legal_types_sorted_cheapest_first():

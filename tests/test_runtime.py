@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from windq.cli import main
 from windq.errors import RuntimeCrashError
-from windq.export import llama
+from windq import llamacpp as llama
 
 MAKEFILE = Path(__file__).resolve().parents[1] / "Makefile"
 

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from windq.export import ggml, registry
+from windq import ggml, registry
 from windq.export.quantize import export_gguf
 from windq.models.gguf_model import GGUFModel
 from windq.pipeline.imatrix import load_imatrix
-from windq.pipeline.plan import make_plan
+from windq.plan import make_plan
 from windq.pipeline.sensitivity import Tables, chunk_widths, compute_tables, load_or_compute
 
 from test_calibrate import FIXTURE
@@ -75,6 +75,7 @@ def test_tables_are_cached(synthetic_gguf, imatrix, tmp_path):
     assert a.tensors["blk.0.attn_q.weight"].types == ("Q4_0", "Q8_0")
 
 
+@pytest.mark.slow  # the real default model
 def test_source_type_costs_nothing(default_gguf, tmp_path):
     """llama.cpp copies a tensor already in the planned type; the table says its error is zero."""
     m = GGUFModel(default_gguf)

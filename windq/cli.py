@@ -16,6 +16,8 @@ from pathlib import Path
 import click
 
 from windq.errors import WindqError
+from windq.keys import CalibrationFiles
+from windq.pipeline.planner import METHODS
 
 EPILOG_MODEL = "MODEL is a GGUF file, `default` (SmolLM2-135M-Instruct, embedded), or a hub repo id when online."
 TEXT_HELP = "`wiki` (embedded Wikipedia leads; the held-out split for eval), a UTF-8 text file, or hf:DATASET[:CONFIG] when online."
@@ -61,6 +63,34 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
+class AlignWidth(click.ParamType):
+    """An alignment width: rows padded to a multiple of it (256 lets K and IQ blocks fit). With
+    `choices`, those words are accepted too (`plan --align auto|none|256`)."""
+
+    name = "width"
+
+    def __init__(self, *choices: str):
+        self.choices = choices
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "|".join([*self.choices, "WIDTH"])
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value not in self.choices:
+            try:
+                width = int(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r}: use {' or '.join(self.choices) + ' or ' if self.choices else ''}a width such as 256", param, ctx)
+            if width < 32 or width % 32:
+                self.fail(f"{width}: a width is a positive multiple of 32 (256 for K and IQ types)", param, ctx)
+            return width
+        return value
+
+
+# "all cores" is 0 on every command; library calls take None for it
+threads_option = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="CPU threads; 0 = all cores.")
+
+
 def _progress(desc: str, unit: str = "chunk"):
     """A tqdm bar fed by the library's (done, total) callbacks."""
     from tqdm import tqdm
@@ -89,8 +119,9 @@ def _model_path(spec: str) -> Path:
 @click.option("--text", default="wiki", show_default=True, help=TEXT_HELP.replace("for eval", "for eval, the calibration split here"))
 @click.option("--tokens", default=16384, show_default=True, help="Calibration tokens (whole chunks of --ctx).")
 @click.option("--ctx", default=512, show_default=True, help="Tokens per chunk, each run from an empty cache.")
+@threads_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for imatrix.gguf, activations.npz, tokens.npy, calibration.json.")
-def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, out: str) -> None:
+def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, threads: int, out: str) -> None:
     """Run MODEL on calibration text and collect its importance matrix.
 
     Writes OUT/imatrix.gguf in llama-imatrix's GGUF format (usable by `windq export --imatrix` and
@@ -103,11 +134,11 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, out: str) -> Non
     if tokens < 1 or ctx < 2:
         raise click.BadParameter("--tokens and --ctx must be positive")
     src = GGUFModel(_model_path(model))
-    cal = calibrate(src, resolve_text(text, "calibration"), CalibrationConfig(tokens=tokens, ctx=ctx), progress=_progress("calibrate"))
+    cal = calibrate(src, resolve_text(text, "calibration"), CalibrationConfig(tokens=tokens, ctx=ctx, threads=threads or os.cpu_count() or 1), progress=_progress("calibrate"))
     save_calibration(cal, out, src.architecture)
     click.echo(
         f"calibrated {src.path.name} on {cal.meta['tokens']} tokens of {cal.meta['text']} in {cal.meta['seconds']:.1f} s: "
-        f"{len(cal.stats)} weights → {Path(out) / 'imatrix.gguf'}"
+        f"{len(cal.stats)} weights → {Path(out) / CalibrationFiles.IMATRIX}"
     )
 
 
@@ -115,7 +146,7 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, out: str) -> Non
 @click.argument("model")
 @click.option("--stats", required=True, type=click.Path(file_okay=False), help="Folder from `windq calibrate` (tables are cached there).")
 @click.option("--bpw", required=True, type=float, help="Budget: bits per weight over the whole file (every tensor's bytes).")
-@click.option("--method", type=click.Choice(["knapsack", "ppo", "uniform", "random"]), default="knapsack", show_default=True,
+@click.option("--method", type=click.Choice(list(METHODS)), default="knapsack", show_default=True,
               help="knapsack: optimum of the additive proxy; ppo: MaskablePPO warm-started from it; uniform/random: baselines.")
 @click.option("--granularity", default="tensor", show_default=True, help="`tensor`, or `chunk:G` (G = 128, 256, 512 columns) projected to one type per tensor for export.")
 @click.option("--types", help="Comma-separated ggml types to allow (default: every legal one).")
@@ -124,11 +155,12 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, out: str) -> Non
 @click.option("--policy", type=click.Path(dir_okay=False), help="Apply a policy saved by --save-policy instead of training (zero-shot transfer). Read as data: an sb3 zip or any other file is refused.")
 @click.option("--save-policy", type=click.Path(dir_okay=False), help="Where to save the PPO policy: safetensors tensors + a JSON header (POLICY.safetensors).")
 @click.option("--real-loss-tokens", default=256, show_default=True, help="Held-in tokens for PPO's episode-end KL (0: proxy only).")
-@click.option("--align", "align", type=click.Choice(["auto", "none", "256"]), default="auto", show_default=True,
+@click.option("--align", "align", type=AlignWidth("auto", "none"), default="auto", show_default=True,
               help="256: plan the model zero-padded to 256-wide rows (`windq align`), so K and IQ types fit; none: as it is; "
               "auto: plan both and keep the one llama.cpp measures closer to the source on held-in calibration tokens.")
+@threads_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="plan.json to write; the allocation map goes beside it as .png.")
-def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, policy, save_policy, real_loss_tokens, align, out) -> None:
+def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, policy, save_policy, real_loss_tokens, align, threads, out) -> None:
     """Allocate a ggml type to every tensor of MODEL within a bits-per-weight budget.
 
     Needs `windq calibrate MODEL --out STATS` first. Types that cannot be written (row length,
@@ -137,17 +169,17 @@ def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, poli
     twin and its zero-padded statistics are kept in STATS/aligned-256/; `windq export` re-aligns
     the original model when the plan asks for it.
     """
-    from windq.export import registry
+    from windq import registry
     from windq.models.gguf_model import GGUFModel
     from windq.pipeline.alignment import aligned_workspace, can_align, plan_with_alignment, with_align_provenance
     from windq.pipeline.planner import PlanConfig, run_planner
-    from windq.pipeline.plan import save_plan
+    from windq.plan import save_plan
     from windq.pipeline.report import allocation_map, summary
 
     allowed = tuple(registry.get(t.strip()).name for t in types.split(",")) if types else None
     cfg = PlanConfig(
         bpw=bpw, method=method, granularity=granularity, types=allowed, seed=seed, episodes=episodes,
-        policy=policy, real_loss_tokens=real_loss_tokens,
+        policy=policy, real_loss_tokens=real_loss_tokens, threads=threads or None,
     )  # fmt: skip
     bars = {}
 
@@ -157,10 +189,10 @@ def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, poli
     src = GGUFModel(_model_path(model))
     if align == "none" or (align == "auto" and not can_align(src)):
         result = run_planner(src, stats, cfg, progress)
-    elif align == "256":
-        aligned, work = aligned_workspace(src, stats)
+    elif isinstance(align, int):
+        aligned, work = aligned_workspace(src, stats, align)
         result = run_planner(aligned, work, cfg, progress)
-        result.plan = with_align_provenance(result.plan, src)
+        result.plan = with_align_provenance(result.plan, src, align)
     else:
         result, _, candidates = plan_with_alignment(src, stats, cfg, progress=progress)
         for c in candidates:
@@ -184,7 +216,7 @@ def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, poli
 
 @main.command("align", epilog=EPILOG_MODEL)
 @click.argument("model")
-@click.option("--to", default=256, show_default=True, help="Pad widths to a multiple of this (256: K and IQ blocks).")
+@click.option("--to", type=AlignWidth(), default=256, show_default=True, help="Pad widths to a multiple of this (256: K and IQ blocks).")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Aligned F32 GGUF to write.")
 def align_cmd(model: str, to: int, out: str) -> None:
     """Zero-pad MODEL's widths so K and IQ types fit its rows, computing exactly the same function.
@@ -234,8 +266,8 @@ def convert_cmd(hf_dir: str, out: str, outtype: str) -> None:
 @click.option("--gguf", "out", required=True, type=click.Path(dir_okay=False), help="GGUF file to write (atomically).")
 @click.option("--imatrix", type=click.Path(dir_okay=False), help="imatrix GGUF (windq calibrate or llama-imatrix).")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Also write the plan as a --tensor-type-file for llama-quantize.")
-@click.option("--align", "align_to", type=int, help="Align MODEL first (as `windq align --to N`). Not needed for a plan from `windq plan --align`: it records the alignment and export redoes it.")
-@click.option("--threads", type=int, default=0, show_default=True, help="Quantizer threads; 0 = all cores.")
+@click.option("--align", "align_to", type=AlignWidth(), help="Align MODEL first (as `windq align --to WIDTH`). Not needed for a plan from `windq plan --align`: it records the alignment and export redoes it.")
+@threads_option
 def export_cmd(model: str, plan_path: str, out: str, imatrix: str | None, recipe: str | None, align_to: int | None, threads: int) -> None:
     """Write MODEL quantized as the plan says, through llama.cpp's own quantizer.
 
@@ -251,7 +283,7 @@ def export_cmd(model: str, plan_path: str, out: str, imatrix: str | None, recipe
     from windq.models.align import align_gguf, pad_imatrix
     from windq.models.gguf_model import GGUFModel
     from windq.pipeline.imatrix import load_imatrix
-    from windq.pipeline.plan import load_plan
+    from windq.plan import load_plan
 
     plan = load_plan(plan_path)
     with tempfile.TemporaryDirectory(dir=Path(out).parent if Path(out).parent.is_dir() else None) as tmp:
@@ -269,7 +301,7 @@ def export_cmd(model: str, plan_path: str, out: str, imatrix: str | None, recipe
                 if src is original:
                     raise
                 im = pad_imatrix(load_imatrix(imatrix, original).data, src)  # the unaligned model's imatrix
-        report = export_gguf(src, plan, out, imatrix=im, nthread=threads)
+        report = export_gguf(src, plan, out, imatrix=im, threads=threads or None)
         del src, original
     if recipe:
         write_recipe(plan, recipe)
@@ -285,7 +317,7 @@ def export_cmd(model: str, plan_path: str, out: str, imatrix: str | None, recipe
 @click.option("--text", default="wiki", show_default=True, help=TEXT_HELP)
 @click.option("--ctx", default=512, show_default=True, help="Tokens per chunk; the second half of each is scored.")
 @click.option("--chunks", type=int, default=64, show_default=True, help="Chunks to evaluate at most (0 = all).")
-@click.option("--threads", type=int, default=None, help="llama.cpp threads (default: all cores).")
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_cmd(model: str, ref: str | None, text: str, ctx: int, chunks: int, threads: int | None, as_json: bool) -> None:
     """Perplexity of MODEL (and KLD against --ref) computed by llama.cpp as llama-perplexity does."""
@@ -295,7 +327,7 @@ def eval_cmd(model: str, ref: str | None, text: str, ctx: int, chunks: int, thre
     t = resolve_text(text, "evaluation")
     r = evaluate(
         _model_path(model), t.content, text_name=t.name, ctx=ctx, max_chunks=chunks or None,
-        ref_path=_model_path(ref) if ref else None, threads=threads, progress=_progress("eval"),
+        ref_path=_model_path(ref) if ref else None, threads=threads or None, progress=_progress("eval"),
     )  # fmt: skip
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=1))
@@ -356,13 +388,13 @@ def doctor_cmd(model: str, tokens: int) -> None:
     Xeons segfault in llama_decode) is named in one line, with the fix, instead of killing a long
     run later. `make demo` and `make test` run it first.
     """
-    from windq.export import llama
+    from windq import llamacpp
 
-    r = llama.probe(_model_path(model), tokens)
+    r = llamacpp.probe(_model_path(model), tokens)
     amx = "compiled in" if r.amx_compiled else "not compiled"
     click.echo(
         f"llama.cpp OK: decoded {r.n_tokens} tokens of {Path(r.model).name} in a child process ({r.seconds:.1f} s); "
-        f"CPU: {r.cpu}; llama-cpp-python {llama.version()}, AMX kernels {amx}"
+        f"CPU: {r.cpu}; llama-cpp-python {llamacpp.version()}, AMX kernels {amx}"
     )
 
 
@@ -376,7 +408,8 @@ def demo_cmd(out: str, type_name: str, chunks: int) -> None:
     from windq.export.quantize import export_gguf
     from windq.models.gguf_model import GGUFModel
     from windq.models.sources import default_model_path, wiki_text
-    from windq.pipeline.plan import save_plan, uniform_plan
+    from windq.plan import save_plan, uniform_plan
+    from windq.registry import bits_per_weight
 
     outdir = Path(out)
     src = GGUFModel(default_model_path())
@@ -390,7 +423,7 @@ def demo_cmd(out: str, type_name: str, chunks: int) -> None:
     for label, path, ref in (("source (Q4_1, reference)", src.path, None), (f"windq uniform {type_name}", report.path, src.path)):
         r = evaluate(path, text.content, text_name=text.name, max_chunks=chunks, ref_path=ref, progress=_progress(label))
         m = GGUFModel(path)
-        rows.append((label, os.path.getsize(path) / 1e6, m.nbytes * 8 / m.n_real_weights, r))
+        rows.append((label, os.path.getsize(path) / 1e6, bits_per_weight(m.nbytes, m.n_real_weights), r))
     click.echo(f"\nheld-out {text.name}, {rows[0][3].n_scored} scored tokens, ctx 512\n")
     click.echo("| model | size (MB) | bits/weight | PPL | KLD vs source | top-1 |")
     click.echo("|---|---:|---:|---:|---:|---:|")

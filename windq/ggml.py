@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from windq.errors import WindqError
+from windq.errors import CalibrationError, IllegalTypeError, InputError, WindqError
 
 _to_float_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
 
@@ -51,8 +51,6 @@ def lib() -> ctypes.CDLL:
     handle.ggml_row_size.restype = ctypes.c_size_t
     handle.ggml_type_name.argtypes = [ctypes.c_int]
     handle.ggml_type_name.restype = ctypes.c_char_p
-    handle.ggml_is_quantized.argtypes = [ctypes.c_int]
-    handle.ggml_is_quantized.restype = ctypes.c_bool
     handle.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
     handle.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     handle.ggml_quantize_init.argtypes = [ctypes.c_int]
@@ -109,9 +107,9 @@ def quantize(type_id: int, weights: np.ndarray, imatrix: np.ndarray | None = Non
     im = None if imatrix is None else _f32(imatrix)
     if im is None and requires_imatrix(type_id):
         # ggml asserts (aborting the whole process) rather than returning an error
-        raise ValueError(f"{type_name(type_id)} cannot be quantized without importance data")
+        raise IllegalTypeError(f"{type_name(type_id)} cannot be quantized without importance data; pass an imatrix")
     if im is not None and im.shape != (n_per_row,):
-        raise ValueError(f"imatrix has shape {im.shape}, expected ({n_per_row},)")
+        raise CalibrationError(f"importance data of {im.shape[0]} columns for rows of {n_per_row}: an imatrix for another model")
     written = lib().ggml_quantize_chunk(
         type_id, w.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, None if im is None else im.ctypes.data
     )
@@ -127,7 +125,7 @@ def dequantize(type_id: int, data: np.ndarray, shape: tuple[int, int]) -> np.nda
     nrows, n_per_row = shape
     raw = np.ascontiguousarray(data).view(np.uint8)
     if raw.nbytes != nrows * row_size(type_id, n_per_row):
-        raise ValueError(f"{raw.nbytes} bytes do not hold a {shape} {type_name(type_id)} matrix")
+        raise InputError(f"{raw.nbytes} bytes do not hold a {shape} {type_name(type_id)} matrix (a damaged GGUF?)")
     traits = lib().ggml_get_type_traits(type_id).contents
     out = np.empty((nrows, n_per_row), dtype=np.float32)
     if not traits.to_float:  # F32 has no converter: the bytes are the floats

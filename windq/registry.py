@@ -1,8 +1,9 @@
 """The one registry of quant types windq plans with.
 
 Sizes come from gguf-py's GGML_QUANT_SIZES and are checked against libggml at first use, so a
-version skew between gguf and llama-cpp-python fails loudly instead of mis-counting bits.
-Nothing here copies a size by hand.
+version skew between gguf and llama-cpp-python fails loudly instead of mis-counting bits; a
+tensor's bytes are libggml's `ggml_row_size`. Nothing here copies a size by hand. Building the
+registry costs only these cheap C calls (no quantizer runs), so a command starts at once.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
+from windq import ggml
 from windq.errors import IllegalTypeError, WindqError
-from windq.export import ggml
 
 # Types a weight can be stored in. Left out on purpose: Q8_1 and Q8_K (dot-product intermediates,
 # not storage formats), TQ1_0/TQ2_0 (ternary models only), MXFP4/NVFP4/Q1_0 (no CPU quantizer
@@ -29,6 +30,12 @@ OFFERED = (
 # (tensor_requires_imatrix in src/llama-quant.cpp), a wider set than ggml_quantize_requires_imatrix.
 _LLAMA_NEEDS_IMATRIX = frozenset({"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S"})
 _LLAMA_IMATRIX_EXEMPT = ("token_embd.weight", "output.weight")
+
+# Types whose grid has no zero point: a zero 32-column stretch inside a live 256-block does not
+# decode to exact zeros (the IQ1/IQ2/IQ3 lattices). K, legacy, IQ4 and float types give such a
+# stretch a zero scale or level. Declared here because finding out means running the quantizers
+# (initialising the IQ grids took 12-19 s); tests/test_registry.py probes libggml and checks it.
+_LOSES_ZERO_SUBBLOCKS = frozenset({"IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"})
 
 
 @dataclass(frozen=True)
@@ -95,11 +102,11 @@ class QuantType:
             )
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
-        """Exact bytes of a tensor of this type; shape is ggml order (row length first)."""
-        n_per_row, nrows = shape[0], 1
+        """Exact bytes of a tensor of this type (libggml's row size × rows); shape is ggml order."""
+        nrows = 1
         for d in shape[1:]:
             nrows *= d
-        return (n_per_row // self.block_size) * self.type_size * nrows
+        return ggml.row_size(self.id, shape[0]) * nrows
 
     def __str__(self) -> str:
         return self.name
@@ -117,15 +124,14 @@ def registry() -> dict[str, QuantType]:
                 f"{ggml.block_size(gtype)}/{ggml.type_size(gtype)}); reinstall matching versions"
             )
         types[name] = QuantType(
-            name, gtype, block, size, ggml.requires_imatrix(gtype), name in _LLAMA_NEEDS_IMATRIX, _keeps_zero_subblocks(gtype)
+            name, gtype, block, size, ggml.requires_imatrix(gtype), name in _LLAMA_NEEDS_IMATRIX, name not in _LOSES_ZERO_SUBBLOCKS
         )
     return types
 
 
-def _keeps_zero_subblocks(gtype: gguf.GGMLQuantizationType) -> bool:
-    """Probe libggml: quantize rows whose last 32-column stretches are zero inside a live 256-block
-    and see whether those zeros come back. K, legacy and IQ4 types give a zero scale/level to such a
-    stretch; the IQ1/IQ2/IQ3 lattice grids have no zero point, so they do not."""
+def keeps_zero_subblocks_probe(gtype: gguf.GGMLQuantizationType) -> bool:
+    """What libggml does (the test of the declared data above): quantize rows whose last 32-column
+    stretches are zero inside a live 256-block and see whether those zeros come back."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 512)).astype(np.float32)
     w[:, 448:] = 0
@@ -141,22 +147,6 @@ def get(name: str) -> QuantType:
         raise WindqError(f"unknown quant type {name!r}; windq offers: {', '.join(OFFERED)}") from None
 
 
-def by_id(type_id: int) -> QuantType:
-    for qt in registry().values():
-        if qt.id == type_id:
-            return qt
-    raise WindqError(f"ggml type {type_id} is not one windq plans with")
-
-
-def nbytes_any(type_id: int, shape: tuple[int, ...]) -> int:
-    """Bytes of a tensor of any ggml type (also those windq does not offer, e.g. a source's I32)."""
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
-    n = 1
-    for d in shape:
-        n *= d
-    return n // block * size
-
-
 def legal_types(
     tensor: str, n_per_row: int, *, has_imatrix: bool, zero_padded: bool = False, allowed: tuple[str, ...] | None = None
 ) -> list[QuantType]:
@@ -168,3 +158,8 @@ def legal_types(
         and qt.is_legal(tensor, n_per_row, has_imatrix=has_imatrix, zero_padded=zero_padded)
     ]
     return sorted(out, key=lambda qt: (qt.bits_per_weight, qt.name))
+
+
+def bits_per_weight(nbytes: int, n_weights: int) -> float:
+    """Bits per weight of `nbytes` of tensor data over `n_weights` (real) weights."""
+    return nbytes * 8 / n_weights

@@ -1,14 +1,14 @@
-"""The llama.cpp runtime as windq uses it: one log sink, the one place models are loaded, the
-quantizer's C call, and a probe that decodes a few tokens in a child process.
+"""The llama.cpp library as windq uses it: imported once with one log sink, the one place models
+are loaded, and a probe that decodes a few tokens in a child process (`windq doctor`).
 
 llama.cpp logs from C through one process-wide callback. windq routes it to Python's `logging`
-(logger "windq.llama", DEBUG for llama.cpp's info lines) and keeps the recent lines, so a failure
-can be reported with llama.cpp's own reason instead of a bare return code.
+(logger "windq.llama", DEBUG for llama.cpp's info lines); `capture()` collects the lines logged
+during one call, so a failure is reported with that call's own reason, never a stale line.
 """
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import ctypes
 import functools
 import json
@@ -19,14 +19,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-import gguf
-
-from windq.errors import RuntimeCrashError
+from windq.errors import InputError, RuntimeCrashError
 
 log = logging.getLogger("windq.llama")
-_recent: collections.deque[str] = collections.deque(maxlen=64)
+_captures: list[list[str]] = []  # open capture() blocks, innermost last
+_callbacks: list = []
 # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT (continues the previous line's level).
 # llama.cpp's INFO lines are a per-tensor commentary, so they go out at DEBUG.
 _LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
@@ -45,33 +44,52 @@ def llama_cpp():
         _last_level[0] = py_level
         line = text.decode("utf-8", "replace").rstrip("\n")
         if line:
-            _recent.append(line)
+            for lines in _captures:
+                lines.append(line)
             log.log(py_level, line)
 
     lc.llama_log_set(_sink, ctypes.c_void_p(0))
-    lc._windq_log_sink = _sink  # keep the ctypes callback alive for the life of the process
+    _callbacks.append(_sink)  # the ctypes callback must live as long as the process logs through it
     lc.llama_backend_init()
     return lc
 
 
-def last_error() -> str:
-    """The last line llama.cpp logged that reads like an error, for error messages."""
-    for line in reversed(_recent):
+@contextlib.contextmanager
+def capture() -> Iterator[list[str]]:
+    """Collects the lines llama.cpp logs inside the block (see `reason`)."""
+    lines: list[str] = []
+    _captures.append(lines)
+    try:
+        yield lines
+    finally:
+        _captures.remove(lines)
+
+
+def reason(lines: Sequence[str]) -> str:
+    """The first line of one call's log that reads like an error: the root cause (llama.cpp's later
+    lines only repeat that loading or quantizing failed)."""
+    for line in lines:
         low = line.lower()
         if "error" in low or "failed" in low or "exception" in low:
             return line.strip(" =\n")
-    return _recent[-1].strip() if _recent else "no message from llama.cpp"
+    return lines[-1].strip() if lines else "llama.cpp gave no reason"
 
 
 def load_llama(path: str | Path, **kwargs):
     """A `llama_cpp.Llama` for `path`: every model windq (and its tests) runs goes through here, so
     how models are loaded is decided once. Nothing is set beyond the caller's arguments: the build
     is what keeps this safe on every CPU (the Makefile compiles llama.cpp without AMX, whose kernels
-    segfault on Sapphire Rapids), and `windq doctor` checks that build on this machine."""
+    segfault on Sapphire Rapids), and `windq doctor` checks that build on this machine.
+    Raises InputError with llama.cpp's reason when the file does not load."""
     llama_cpp()
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), verbose=False, **kwargs)
+    with capture() as lines:
+        try:
+            return Llama(model_path=str(path), verbose=False, **kwargs)
+        except (ValueError, RuntimeError) as e:  # llama-cpp-python's "Failed to load model from file"
+            what = "the vocabulary" if kwargs.get("vocab_only") else "the model"
+            raise InputError(f"{path}: llama.cpp could not load {what} ({reason(lines) if lines else e})") from None
 
 
 def system_info() -> str:
@@ -97,7 +115,7 @@ PROBE_TEXT = "The capital of France is Paris, and the capital of Italy is"
 
 def probe_command(path: str | Path, n_tokens: int) -> list[str]:
     """The child process of `probe`: this module run as a script."""
-    return [sys.executable, "-m", "windq.export.llama", str(path), str(n_tokens)]
+    return [sys.executable, "-m", "windq.llamacpp", str(path), str(n_tokens)]
 
 
 def probe(path: str | Path, n_tokens: int = 8, *, timeout: float = 300, command: Sequence[str] | None = None) -> ProbeResult:
@@ -175,75 +193,6 @@ def version() -> str:
     from importlib.metadata import version as v
 
     return v("llama-cpp-python")
-
-
-def ftype_for(type_name: str) -> int:
-    """The llama_ftype whose default tensor type is `type_name` (K types: the _S mix)."""
-    for candidate in (f"MOSTLY_{type_name}", f"MOSTLY_{type_name}_S"):
-        if candidate in gguf.LlamaFileType.__members__:
-            return int(gguf.LlamaFileType[candidate])
-    if type_name == "F32":
-        return int(gguf.LlamaFileType.ALL_F32)
-    raise KeyError(type_name)
-
-
-def quantize_file(
-    src: str,
-    dst: str,
-    *,
-    ftype: int,
-    overrides: dict[str, int] | None = None,
-    imatrix: dict[str, "object"] | None = None,
-    pure: bool = False,
-    nthread: int = 0,
-) -> None:
-    """Call llama_model_quantize. `overrides` maps exact tensor names to ggml type ids; `imatrix`
-    maps tensor names to float32 arrays (one value per input column). Raises RuntimeError with
-    llama.cpp's reason on failure."""
-    import numpy as np
-
-    lc = llama_cpp()
-    params = lc.llama_model_quantize_default_params()
-    params.nthread = nthread
-    params.ftype = ftype
-    params.allow_requantize = True  # the default model is itself quantized (Q4_1)
-    params.quantize_output_tensor = True
-    params.pure = pure
-
-    keep = []  # ctypes arrays and buffers referenced by params must outlive the call
-    if overrides:
-        arr = (lc.llama_model_tensor_override * (len(overrides) + 1))()
-        for i, (name, type_id) in enumerate(overrides.items()):
-            pattern = exact_pattern(name).encode()
-            keep.append(pattern)
-            arr[i].pattern = pattern
-            arr[i].type = type_id
-        arr[len(overrides)].pattern = None
-        params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(lc.llama_model_tensor_override))
-        keep.append(arr)
-    if imatrix:
-        arr = (lc.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, values) in enumerate(imatrix.items()):
-            data = np.ascontiguousarray(values, dtype=np.float32)
-            bname = name.encode()
-            keep += [data, bname]
-            arr[i].name = bname
-            arr[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            arr[i].size = data.size
-        arr[len(imatrix)].name = None
-        params.imatrix = ctypes.cast(arr, ctypes.POINTER(lc.llama_model_imatrix_data))
-        keep.append(arr)
-
-    _recent.clear()
-    rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise RuntimeError(last_error())
-
-
-def exact_pattern(name: str) -> str:
-    """An anchored regex matching one tensor name only: llama.cpp matches overrides with regex_search,
-    so an unanchored `blk.1.ffn_up` would also hit `blk.11.ffn_up`."""
-    return "^" + name.replace(".", r"\.") + "$"
 
 
 if __name__ == "__main__":

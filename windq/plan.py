@@ -7,15 +7,28 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Collection, Mapping
+from typing import Collection, Mapping, Protocol
 
-from windq import __version__
-from windq.errors import IllegalTypeError, InputError, PlanError
+from windq import __version__, llamacpp, registry
+from windq.errors import IllegalTypeError, InputError, PlanError, WindqError
 from windq.files import atomic_write_text
-from windq.export import registry
-from windq.models.gguf_model import GGUFModel
 
 SCHEMA_VERSION = 1
+
+
+class Model(Protocol):
+    """What a plan needs of a model (models.gguf_model.Model is one): the foundation names
+    no stage, so it asks for these attributes instead of importing the class."""
+
+    path: Path
+    sha256: str
+    n_real_weights: int
+    architecture: str
+    tensors: Mapping  # name → TensorInfo (shape, type_name, n_per_row, nbytes, n_elements)
+
+    def field(self, key: str, default=None): ...
+    def quantizable(self) -> list: ...
+    def zero_padded(self, name: str) -> bool: ...
 _TOP_KEYS = {"schema_version", "model", "method", "granularity", "budget_bpw", "achieved_bpw", "total_bytes", "tensors", "provenance"}
 _MODEL_KEYS = {"name", "sha256", "n_weights", "architecture"}
 
@@ -54,7 +67,7 @@ class Plan:
         return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def model_ref(model: GGUFModel) -> ModelRef:
+def model_ref(model: Model) -> ModelRef:
     return ModelRef(
         name=model.field("general.name", model.path.stem),
         sha256=model.sha256,
@@ -63,7 +76,7 @@ def model_ref(model: GGUFModel) -> ModelRef:
     )
 
 
-def file_bytes(model: GGUFModel, tensors: Mapping[str, str]) -> int:
+def file_bytes(model: Model, tensors: Mapping[str, str]) -> int:
     """Exact tensor-data bytes of the GGUF that `tensors` produces: planned tensors at their
     type's size, every other tensor (norms, anything llama.cpp copies) as it is in the source."""
     total = 0
@@ -75,12 +88,12 @@ def file_bytes(model: GGUFModel, tensors: Mapping[str, str]) -> int:
     return total
 
 
-def bits_per_weight(model: GGUFModel, tensors: Mapping[str, str]) -> float:
-    return file_bytes(model, tensors) * 8 / model.n_real_weights
+def bits_per_weight(model: Model, tensors: Mapping[str, str]) -> float:
+    return registry.bits_per_weight(file_bytes(model, tensors), model.n_real_weights)
 
 
 def make_plan(
-    model: GGUFModel,
+    model: Model,
     tensors: Mapping[str, str],
     *,
     method: str,
@@ -89,7 +102,7 @@ def make_plan(
     provenance: Mapping[str, object] | None = None,
 ) -> Plan:
     nbytes = file_bytes(model, tensors)
-    prov = {"windq": __version__, "llama_cpp_python": _llama_cpp_version()}
+    prov = {"windq": __version__, "llama_cpp_python": llamacpp.version()}
     prov.update(provenance or {})
     return Plan(
         model=model_ref(model),
@@ -97,13 +110,13 @@ def make_plan(
         method=method,
         granularity=granularity,
         budget_bpw=budget_bpw,
-        achieved_bpw=nbytes * 8 / model.n_real_weights,
+        achieved_bpw=registry.bits_per_weight(nbytes, model.n_real_weights),
         total_bytes=nbytes,
         provenance=prov,
     )
 
 
-def uniform_plan(model: GGUFModel, type_name: str) -> Plan:
+def uniform_plan(model: Model, type_name: str) -> Plan:
     """One type on every quantizable tensor; refuses (never falls back) where it cannot be written."""
     qt = registry.get(type_name)
     bad = [t.name for t in model.quantizable() if not qt.fits_row(t.n_per_row)]
@@ -115,11 +128,14 @@ def uniform_plan(model: GGUFModel, type_name: str) -> Plan:
     return make_plan(model, {t.name: qt.name for t in model.quantizable()}, method=f"uniform:{qt.name}")
 
 
-def validate(plan: Plan, model: GGUFModel, *, imatrix_tensors: Collection[str] = ()) -> None:
+def validate(plan: Plan, model: Model, *, imatrix_tensors: Collection[str] = ()) -> None:
     """Refuse a plan that llama.cpp would not write exactly as planned.
 
     `imatrix_tensors`: the tensors that have importance data (legality of IQ types depends on it).
     """
+    # identity first: a plan for another model would otherwise fail on a type or a name, misleadingly
+    if plan.model.sha256 and plan.model.sha256 != model.sha256:
+        raise PlanError(f"plan was made for another model ({plan.model.name}, sha256 {plan.model.sha256[:12]}…), not {model.path.name}")
     quantizable = {t.name: t for t in model.quantizable()}
     for name, type_name in plan.tensors.items():
         if name not in model.tensors:
@@ -132,8 +148,6 @@ def validate(plan: Plan, model: GGUFModel, *, imatrix_tensors: Collection[str] =
     missing = [n for n in quantizable if n not in plan.tensors]
     if missing:
         raise PlanError(f"plan has no type for tensor {missing[0]} ({len(missing)} tensors missing)")
-    if plan.model.sha256 and plan.model.sha256 != model.sha256:
-        raise PlanError(f"plan was made for another model ({plan.model.name}, sha256 {plan.model.sha256[:12]}…), not {model.path.name}")
 
 
 def save_plan(plan: Plan, path: str | Path) -> Path:
@@ -162,7 +176,10 @@ def load_plan(path: str | Path) -> Plan:
     if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
         raise PlanError(f"{path}: plan 'tensors' must map tensor names to ggml type names")
     for name, type_name in tensors.items():
-        registry.get(type_name)  # unknown type names fail here, naming the type
+        try:
+            registry.get(type_name)
+        except WindqError as e:
+            raise PlanError(f"{path}: {name}: {e}") from None
     return Plan(
         model=ModelRef(**model),
         tensors=tensors,
@@ -174,12 +191,3 @@ def load_plan(path: str | Path) -> Plan:
         provenance=d.get("provenance") or {},
         schema_version=d["schema_version"],
     )
-
-
-def _llama_cpp_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("llama-cpp-python")
-    except Exception:
-        return "unknown"

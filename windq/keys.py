@@ -1,0 +1,18 @@
+"""Names shared by every stage: GGUF metadata keys windq writes, and the files of a calibration
+folder. Constants in nested classes, the way gguf-py's `Keys` are."""
+
+
+class Keys:
+    class Align:
+        # weights that are not alignment padding: bits per weight count only these
+        REAL_WEIGHTS = "windq.align.real_weights"
+        ORIGINAL_WIDTH = "windq.align.original_embedding_length"
+
+
+class CalibrationFiles:
+    """What `windq calibrate --out DIR` writes into DIR."""
+
+    IMATRIX = "imatrix.gguf"  # llama-imatrix's GGUF format
+    ACTIVATIONS = "activations.npz"  # per-column mean |x| and max |x|, keys "tensor|statistic"
+    TOKENS = "tokens.npy"  # the calibration tokens, chunks × ctx
+    META = "calibration.json"
