@@ -20,9 +20,13 @@ CASES = {
     "windq plan default --stats MISSING --bpw 5 --types Q4_K --out x.json (error, exit 2)": [
         "plan", "default", "--stats", "{tmp}/missing", "--bpw", "5", "--types", "Q4_K", "--out", "{tmp}/x.json",
     ],
+    "windq plan default --stats MISSING --bpw 5 --types Q9_9 --out x.json (error, exit 2)": [
+        "plan", "default", "--stats", "{tmp}/missing", "--bpw", "5", "--types", "Q9_9", "--out", "{tmp}/x.json",
+    ],
     "windq export default --plan MISSING --gguf x.gguf (error, exit 2)": [
         "export", "default", "--plan", "{tmp}/missing.json", "--gguf", "{tmp}/x.gguf",
     ],
+    "windq eval MISSING.gguf (error, exit 2)": ["eval", "{tmp}/missing.gguf"],
 }  # fmt: skip
 
 

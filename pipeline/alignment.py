@@ -25,7 +25,7 @@ from windq.keys import CalibrationFiles
 from windq.pipeline.calibrate import load_tokens, pad_calibration
 from windq.pipeline.imatrix import load_imatrix, read_imatrix
 from windq.plan import Plan
-from windq.pipeline.planner import PlanConfig, PlannerResult, run_planner
+from windq.pipeline.planner import PlanConfig, PlannerResult, check_calibration_folder, run_planner
 
 ALIGNED_MODEL_FILE = "model.gguf"
 
@@ -43,6 +43,7 @@ def aligned_workspace(model: GGUFModel, statsdir: str | Path, to: int = 256) -> 
     """The aligned twin of `model` and its calibration folder, kept under STATS/aligned-TO/ and
     remade whenever the unaligned calibration changes."""
     statsdir = Path(statsdir)
+    check_calibration_folder(statsdir)  # before writing an aligned model into it
     work = statsdir / f"aligned-{to}"
     path = work / ALIGNED_MODEL_FILE
     meta = work / CalibrationFiles.META

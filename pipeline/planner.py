@@ -97,10 +97,16 @@ def _ppo(job: Job) -> Allocation:
 METHODS: dict[str, Callable[[Job], Allocation]] = {"knapsack": _knapsack, "ppo": _ppo, "uniform": _uniform, "random": _random}
 
 
-def _check_stats(model: GGUFModel, statsdir: Path) -> None:
-    meta_path = statsdir / CalibrationFiles.META
+def check_calibration_folder(statsdir: str | Path) -> Path:
+    """A folder `windq calibrate` wrote; cheap, so a wrong --stats fails before anything is loaded."""
+    meta_path = Path(statsdir) / CalibrationFiles.META
     if not meta_path.is_file():
         raise CalibrationError(f"{statsdir}: not a calibration folder (no {CalibrationFiles.META}); run `windq calibrate` first")
+    return meta_path
+
+
+def _check_stats(model: GGUFModel, statsdir: Path) -> None:
+    meta_path = check_calibration_folder(statsdir)
     meta = json.loads(meta_path.read_text())
     if meta.get("model_sha256") != model.sha256:
         raise CalibrationError(f"{statsdir} was calibrated on {meta.get('model')}, not {model.path.name}; calibrate this model")

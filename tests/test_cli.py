@@ -106,3 +106,12 @@ def test_sigterm_leaves_no_partial_output(tmp_path):
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=30) == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_wrong_stats_folder_fails_before_anything_is_written(tmp_path, synthetic_gguf):
+    """--align 256 used to align the model into STATS/aligned-256/ before noticing STATS was no
+    calibration folder."""
+    stats = tmp_path / "not-calibrated"
+    r = windq("plan", synthetic_gguf, "--stats", stats, "--bpw", "4", "--align", "256", "--out", tmp_path / "plan.json")
+    assert_one_line_error(r, "not a calibration folder")
+    assert list(tmp_path.iterdir()) == []

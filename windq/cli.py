@@ -172,7 +172,7 @@ def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, poli
     from windq import registry
     from windq.models.gguf_model import GGUFModel
     from windq.pipeline.alignment import aligned_workspace, can_align, plan_with_alignment, with_align_provenance
-    from windq.pipeline.planner import PlanConfig, run_planner
+    from windq.pipeline.planner import PlanConfig, check_calibration_folder, run_planner
     from windq.plan import save_plan
     from windq.pipeline.report import allocation_map, summary
 
@@ -186,6 +186,7 @@ def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, poli
     def progress(stage, done, total):
         bars.setdefault(stage, _progress(stage, unit={"tables": "job", "ppo": "step"}.get(stage, "chunk")))(done, total)
 
+    check_calibration_folder(stats)  # a wrong --stats fails at once, before the model is parsed
     src = GGUFModel(_model_path(model))
     if align == "none" or (align == "auto" and not can_align(src)):
         result = run_planner(src, stats, cfg, progress)
@@ -278,7 +279,7 @@ def export_cmd(model: str, plan_path: str, out: str, imatrix: str | None, recipe
     """
     import tempfile
 
-    from windq.errors import CalibrationError
+    from windq.errors import CalibrationError, InputError
     from windq.export.quantize import export_gguf, write_recipe
     from windq.models.align import align_gguf, pad_imatrix
     from windq.models.gguf_model import GGUFModel
@@ -286,6 +287,8 @@ def export_cmd(model: str, plan_path: str, out: str, imatrix: str | None, recipe
     from windq.plan import load_plan
 
     plan = load_plan(plan_path)
+    if imatrix and not Path(imatrix).is_file():  # before the model is parsed (seconds on a large vocabulary)
+        raise InputError(f"{imatrix}: no such imatrix file")
     with tempfile.TemporaryDirectory(dir=Path(out).parent if Path(out).parent.is_dir() else None) as tmp:
         original = src = GGUFModel(_model_path(model))
         planned_align = plan.provenance.get("align") or {}
