@@ -216,17 +216,19 @@ def knapsack(p: Problem, bpw: float) -> np.ndarray:
 
 
 def uniform(p: Problem, bpw: float) -> np.ndarray:
-    """The widest single type that is legal on every unit and fits the budget."""
+    """The widest single type that is legal on every unit and fits the budget. Types of equal size
+    (Q4_0, IQ4_NL and Q4_K are all 4.5 bits) are told apart by proxy error, then by name: never by
+    a set's iteration order, which changes with Python's hash seed."""
     budget = p.check_budget(bpw)
     common = set(p.units[0].types).intersection(*(u.types for u in p.units[1:]))
-    best = None
-    for t in sorted(common, key=lambda t: registry.get(t).bits_per_weight):
+    fits = []
+    for t in sorted(common):
         choice = np.array([u.types.index(t) for u in p.units])
         if p.bytes_of(choice) <= budget:
-            best = choice
-    if best is None:
+            fits.append((-p.bytes_of(choice), p.error_of(choice), t, choice))
+    if not fits:
         raise BudgetError(f"no single type legal on every tensor fits {bpw:g} bits per weight")
-    return best
+    return min(fits, key=lambda f: f[:3])[3]
 
 
 def random_plan(p: Problem, bpw: float, rng: np.random.Generator) -> np.ndarray:

@@ -38,7 +38,7 @@ from windq import __version__
 from windq.errors import InputError
 from windq import registry
 from windq.files import atomic_output
-from windq.models.gguf_model import LAYER_KINDS, kind_name
+from windq.models.gguf_model import LAYER_KINDS, kind_name, tensor_kind
 from windq.pipeline.allocate import Problem, knapsack
 
 TYPES = registry.OFFERED  # the action space: one action per offered type, the same for every model
@@ -50,7 +50,7 @@ _OBS_BOUND = 10.0  # features are scaled to about [-2, 2]; the bound only guards
 # The observation layout: what each slot of an observation means. A saved policy records it, and
 # one made for another layout is refused: bump the version whenever a feature changes meaning.
 OBS_LAYOUT = "windq-unit"
-OBS_LAYOUT_VERSION = 1
+OBS_LAYOUT_VERSION = 2  # 2: exact tensor kinds (1 gave attn_output the output head's one-hot)
 NET_ARCH = (64, 64)  # hidden layers of the policy and value networks (sb3's MlpPolicy, tanh)
 
 
@@ -73,13 +73,11 @@ class UnitFeatures:
 
 
 def _kind(tensor: str) -> int:
-    # Observation layout 1 matches by substring, so `attn_output.weight` takes `output`'s slot; kept
-    # as it is so saved policies and the bench's PPO figures stay valid (the planner issue fixes it
-    # with a new layout version).
-    for i, k in enumerate(KINDS):
-        if f"{k}.weight" in tensor:
-            return i
-    return len(KINDS)
+    """The tensor's slot in the kind one-hot: its exact gguf kind (layout 1 matched substrings, so
+    every `attn_output.weight` took the output head's slot), or the last slot for any other kind."""
+    kind = tensor_kind(tensor)
+    name = kind_name(kind) if kind is not None else None
+    return KINDS.index(name) if name in KINDS else len(KINDS)
 
 
 def _layer(tensor: str) -> int | None:

@@ -121,7 +121,7 @@ def test_policies_for_another_layout_or_network_are_refused(tmp_path, synthetic_
         ppo.load_policy(junk)
     r = windq("plan", synthetic_gguf, "--stats", synthetic_stats, "--bpw", "4", "--method", "ppo", "--align", "none",
               "--policy", tmp_path / "older_layout.safetensors", "--out", tmp_path / "plan.json")  # fmt: skip
-    assert_one_line_error(r, "observation layout windq-unit v0", "train a new one")
+    assert_one_line_error(r, f"observation layout windq-unit v{ppo.OBS_LAYOUT_VERSION - 1}", "train a new one")
 
 
 def test_observation_names_describe_every_slot(synthetic_gguf, synthetic_stats):

@@ -103,3 +103,15 @@ def test_chunk_plans_report_projection_cost(synthetic_gguf, statsdir):
     assert res.chunk_proxy_error <= res.proxy_error
     assert res.plan.achieved_bpw <= 4.0
     assert set(res.plan.provenance["chunk_types"]) == set(res.plan.tensors)
+
+
+def test_unit_features_give_every_tensor_its_own_kind(synthetic_gguf, statsdir):
+    env = allocation_env(synthetic_gguf, statsdir)
+    names = ppo.observation_names()
+    kinds = [n.removeprefix("kind:") for n in names if n.startswith("kind:")]
+    start = names.index("kind:" + kinds[0])
+    for u, row in zip(env.p.units, env.features.static):
+        one_hot = row[start : start + len(kinds)]
+        assert one_hot.sum() == 1, u.tensor
+        want = u.tensor.removesuffix(".weight").split(".")[-1]
+        assert kinds[int(one_hot.argmax())] == want, u.tensor  # attn_output is not output
