@@ -156,7 +156,7 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, threads: int, ou
 @click.option("--save-policy", type=click.Path(dir_okay=False), help="Where to save the PPO policy: safetensors tensors + a JSON header (POLICY.safetensors).")
 @click.option("--real-loss-tokens", default=256, show_default=True, help="Held-in tokens for PPO's episode-end KL (0: proxy only).")
 @click.option("--align", "align", type=AlignWidth("auto", "none"), default="auto", show_default=True,
-              help="256: plan the model zero-padded to 256-wide rows (`windq align`), so K and IQ types fit; none: as it is; "
+              help="WIDTH (256): plan the model zero-padded to rows a multiple of WIDTH (`windq align`), so K and IQ types fit; none: as it is; "
               "auto: plan both and keep the one llama.cpp measures closer to the source on held-in calibration tokens.")
 @threads_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="plan.json to write; the allocation map goes beside it as .png.")
