@@ -32,10 +32,6 @@ from windq.models.sources import Text
 from windq.models.tokenizer import token_chunks
 from windq.pipeline.imatrix import Imatrix, save_imatrix
 
-IMATRIX_FILE, ACTIVATIONS_FILE, TOKENS_FILE, META_FILE = (
-    CalibrationFiles.IMATRIX, CalibrationFiles.ACTIVATIONS, CalibrationFiles.TOKENS, CalibrationFiles.META,
-)
-
 # transformers' GGUF loader knows more, but the name mapping and the planner are tested on llama only.
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -217,27 +213,27 @@ def calibrate(
 
 def save_calibration(cal: Calibration, outdir: str | Path, architecture: str = "llama") -> Path:
     outdir = Path(outdir)
-    save_imatrix(cal.imatrix, outdir / IMATRIX_FILE, architecture)
-    with atomic_output(outdir / ACTIVATIONS_FILE) as tmp:
+    save_imatrix(cal.imatrix, outdir / CalibrationFiles.IMATRIX, architecture)
+    with atomic_output(outdir / CalibrationFiles.ACTIVATIONS) as tmp:
         with open(tmp, "wb") as f:
             np.savez(
                 f,
                 **{f"{k}|abs_mean": (s.sum_abs / max(s.count, 1)).astype(np.float32) for k, s in cal.stats.items()},
                 **{f"{k}|abs_max": s.max_abs for k, s in cal.stats.items()},
             )
-    with atomic_output(outdir / TOKENS_FILE) as tmp:
+    with atomic_output(outdir / CalibrationFiles.TOKENS) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, cal.tokens.astype(np.int32))
-    atomic_write_text(outdir / META_FILE, json.dumps(cal.meta, indent=1) + "\n")
+    atomic_write_text(outdir / CalibrationFiles.META, json.dumps(cal.meta, indent=1) + "\n")
     return outdir
 
 
 def load_activation_stats(statsdir: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """tensor → {"abs_mean": …, "abs_max": …} from a calibration folder."""
     out: dict[str, dict[str, np.ndarray]] = {}
-    path = Path(statsdir) / ACTIVATIONS_FILE
+    path = Path(statsdir) / CalibrationFiles.ACTIVATIONS
     if not path.is_file():
-        raise CalibrationError(f"{statsdir}: no {ACTIVATIONS_FILE}; run `windq calibrate` first")
+        raise CalibrationError(f"{statsdir}: no {CalibrationFiles.ACTIVATIONS}; run `windq calibrate` first")
     for key, value in load_arrays(path).items():
         tensor, stat = key.split("|")
         out.setdefault(tensor, {})[stat] = value
@@ -245,9 +241,9 @@ def load_activation_stats(statsdir: str | Path) -> dict[str, dict[str, np.ndarra
 
 
 def load_tokens(statsdir: str | Path) -> np.ndarray:
-    path = Path(statsdir) / TOKENS_FILE
+    path = Path(statsdir) / CalibrationFiles.TOKENS
     if not path.is_file():
-        raise CalibrationError(f"{statsdir}: no {TOKENS_FILE}; run `windq calibrate` first")
+        raise CalibrationError(f"{statsdir}: no {CalibrationFiles.TOKENS}; run `windq calibrate` first")
     return load_array(path)
 
 
@@ -261,24 +257,24 @@ def pad_calibration(src_dir: str | Path, dst_dir: str | Path, aligned: GGUFModel
     from windq.pipeline.imatrix import read_imatrix
 
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
-    im = read_imatrix(src_dir / IMATRIX_FILE)
+    im = read_imatrix(src_dir / CalibrationFiles.IMATRIX)
     padded = Imatrix(
         sums=pad_imatrix(im.sums, aligned), counts=dict(im.counts), datasets=list(im.datasets), chunk_count=im.chunk_count,
         chunk_size=im.chunk_size,
     )  # fmt: skip
-    save_imatrix(padded, dst_dir / IMATRIX_FILE, aligned.architecture)
+    save_imatrix(padded, dst_dir / CalibrationFiles.IMATRIX, aligned.architecture)
     acts = {  # keys are "tensor|statistic"
-        key: pad_columns(value, aligned, key.split("|")[0]) for key, value in load_arrays(src_dir / ACTIVATIONS_FILE).items()
+        key: pad_columns(value, aligned, key.split("|")[0]) for key, value in load_arrays(src_dir / CalibrationFiles.ACTIVATIONS).items()
     }
-    with atomic_output(dst_dir / ACTIVATIONS_FILE) as tmp:
+    with atomic_output(dst_dir / CalibrationFiles.ACTIVATIONS) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **acts)
-    with atomic_output(dst_dir / TOKENS_FILE) as tmp:
+    with atomic_output(dst_dir / CalibrationFiles.TOKENS) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, load_tokens(src_dir))
-    meta = json.loads((src_dir / META_FILE).read_text())
+    meta = json.loads((src_dir / CalibrationFiles.META).read_text())
     meta.update(
         model=aligned.path.name, model_sha256=aligned.sha256, padded_from=str(src_dir), padded_from_imatrix_sha256=im.sha256()
     )
-    atomic_write_text(dst_dir / META_FILE, json.dumps(meta, indent=1) + "\n")
+    atomic_write_text(dst_dir / CalibrationFiles.META, json.dumps(meta, indent=1) + "\n")
     return dst_dir
