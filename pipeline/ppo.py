@@ -34,9 +34,8 @@ import gguf
 import gymnasium as gym
 import numpy as np
 
-from windq import __version__
+from windq import __version__, registry
 from windq.errors import InputError
-from windq import registry
 from windq.files import atomic_output
 from windq.models.gguf_model import LAYER_KINDS, kind_name, tensor_kind
 from windq.pipeline.allocate import Problem, knapsack

@@ -17,7 +17,7 @@ SCHEMA_VERSION = 1
 
 
 class Model(Protocol):
-    """What a plan needs of a model (models.gguf_model.Model is one): the foundation names
+    """What a plan needs of a model (models.gguf_model.GGUFModel is one): the foundation names
     no stage, so it asks for these attributes instead of importing the class."""
 
     path: Path
@@ -29,6 +29,8 @@ class Model(Protocol):
     def field(self, key: str, default=None): ...
     def quantizable(self) -> list: ...
     def zero_padded(self, name: str) -> bool: ...
+
+
 _TOP_KEYS = {"schema_version", "model", "method", "granularity", "budget_bpw", "achieved_bpw", "total_bytes", "tensors", "provenance"}
 _MODEL_KEYS = {"name", "sha256", "n_weights", "architecture"}
 
