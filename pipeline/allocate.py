@@ -224,8 +224,9 @@ def uniform(p: Problem, bpw: float) -> np.ndarray:
     fits = []
     for t in sorted(common):
         choice = np.array([u.types.index(t) for u in p.units])
-        if p.bytes_of(choice) <= budget:
-            fits.append((-p.bytes_of(choice), p.error_of(choice), t, choice))
+        nbytes = p.bytes_of(choice)
+        if nbytes <= budget:
+            fits.append((-nbytes, p.error_of(choice), t, choice))
     if not fits:
         raise BudgetError(f"no single type legal on every tensor fits {bpw:g} bits per weight")
     return min(fits, key=lambda f: f[:3])[3]

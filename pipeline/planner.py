@@ -87,10 +87,38 @@ def _random(job: Job) -> Allocation:
 
 
 def _ppo(job: Job) -> Allocation:
-    choice, result, policy = _run_ppo(
-        job.model, job.statsdir, job.tables, job.problem, job.tensor_problem, job.imatrix, job.cfg, job.policy, job.progress
-    )
-    return Allocation(choice, result, policy)
+    """MaskablePPO trained on this model (warm-started from the knapsack), or a loaded --policy applied."""
+    from windq.pipeline import ppo
+
+    model, tables, prob, tp, imatrix, cfg = job.model, job.tables, job.problem, job.tensor_problem, job.imatrix, job.cfg
+
+    acts = load_activation_stats(job.statsdir)
+    feats = ppo.unit_features(
+        prob, weight_column_stats(model, tables.tensors), imatrix, acts,
+        {n: t.chunk_cols for n, t in tables.tensors.items()} if prob.granularity != "tensor" else None,
+    )  # fmt: skip
+    real = None
+    scale = 1.0
+    if cfg.real_loss_tokens > 0:
+        from windq.pipeline.real_loss import RealLoss
+
+        tokens = load_tokens(job.statsdir)
+        n = min(cfg.real_loss_tokens, tokens.shape[1])
+        loss = RealLoss(model, imatrix, tokens[:1, :n])
+        # the real loss is judged on the exported plan: chunk choices are projected first
+        if prob.granularity == "tensor":
+            real = lambda choice: loss.kl(allocate.tensor_types(tp, choice))  # noqa: E731
+        else:
+            real = lambda choice: loss.kl(  # noqa: E731
+                allocate.tensor_types(tp, allocate.project_to_tensors(prob, choice, tp, cfg.bpw))
+            )
+        scale = max(real(allocate.knapsack(prob, cfg.bpw)), 1e-9)
+    env = ppo.AllocationEnv(prob, feats, cfg.bpw, real_loss=real, real_loss_scale=scale)
+    if job.policy is not None:
+        result = ppo.apply_policy(job.policy, env)
+        return Allocation(result.choice, result, job.policy)
+    trained, result = ppo.train(env, episodes=cfg.episodes, seed=cfg.seed, progress=job.progress)
+    return Allocation(result.choice, result, trained.policy)
 
 
 # The allocators `--method` offers: a new one is a function of a Job and an entry here.
@@ -187,36 +215,3 @@ def _chunk_types(p: allocate.Problem, choice: np.ndarray) -> dict[str, list[str]
     for u, c in zip(p.units, choice):
         out.setdefault(u.tensor, []).append(u.types[c])
     return out
-
-
-def _run_ppo(model, statsdir, tables, prob, tp, imatrix, cfg: PlanConfig, policy, progress):
-    from windq.pipeline import ppo
-
-    acts = load_activation_stats(statsdir)
-    feats = ppo.unit_features(
-        prob, weight_column_stats(model, tables.tensors), imatrix, acts,
-        {n: t.chunk_cols for n, t in tables.tensors.items()} if prob.granularity != "tensor" else None,
-    )  # fmt: skip
-    real = None
-    scale = 1.0
-    if cfg.real_loss_tokens > 0:
-        from windq.pipeline.real_loss import RealLoss
-
-        tokens = load_tokens(statsdir)
-        n = min(cfg.real_loss_tokens, tokens.shape[1])
-        loss = RealLoss(model, imatrix, tokens[:1, :n])
-        # the real loss is judged on the exported plan: chunk choices are projected first
-        if prob.granularity == "tensor":
-            real = lambda choice: loss.kl(allocate.tensor_types(tp, choice))  # noqa: E731
-        else:
-            real = lambda choice: loss.kl(  # noqa: E731
-                allocate.tensor_types(tp, allocate.project_to_tensors(prob, choice, tp, cfg.bpw))
-            )
-        scale = max(real(allocate.knapsack(prob, cfg.bpw)), 1e-9)
-    env = ppo.AllocationEnv(prob, feats, cfg.bpw, real_loss=real, real_loss_scale=scale)
-    if policy is not None:
-        result = ppo.apply_policy(policy, env)
-    else:
-        trained, result = ppo.train(env, episodes=cfg.episodes, seed=cfg.seed, progress=progress)
-        policy = trained.policy
-    return result.choice, result, policy

@@ -9,7 +9,7 @@ import numpy as np
 
 from windq import registry
 from windq.files import atomic_output
-from windq.models.gguf_model import LAYER_KINDS, kind_name
+from windq.models.gguf_model import LAYER_KINDS, kind_name, tensor_kind
 from windq.plan import Plan
 
 KIND_ORDER = tuple(kind_name(k) for k in LAYER_KINDS)
@@ -19,9 +19,9 @@ def _grid(plan: Plan) -> tuple[np.ndarray, list[str]]:
     layers = sorted({int(n.split(".")[1]) for n in plan.tensors if n.startswith("blk.")})
     grid = np.full((len(KIND_ORDER), max(layers, default=-1) + 1), np.nan)
     for name, t in plan.tensors.items():
-        parts = name.split(".")
-        if parts[0] == "blk" and parts[2] in KIND_ORDER:
-            grid[KIND_ORDER.index(parts[2]), int(parts[1])] = registry.get(t).bits_per_weight
+        kind = tensor_kind(name)
+        if name.startswith("blk.") and kind in LAYER_KINDS:
+            grid[LAYER_KINDS.index(kind), int(name.split(".")[1])] = registry.get(t).bits_per_weight
     return grid, [n for n in plan.tensors if not n.startswith("blk.")]
 
 

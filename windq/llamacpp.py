@@ -107,7 +107,12 @@ class ProbeResult:
 
     @property
     def amx_compiled(self) -> bool:
-        return "AMX_INT8 = 1" in self.system_info
+        return _amx_compiled(self.system_info)
+
+
+def _amx_compiled(info: str) -> bool:
+    """Whether a system_info line says llama.cpp's AMX kernels were compiled in."""
+    return "AMX_INT8 = 1" in info
 
 
 PROBE_TEXT = "The capital of France is Paris, and the capital of Italy is"
@@ -140,11 +145,10 @@ def probe(path: str | Path, n_tokens: int = 8, *, timeout: float = 300, command:
         else:
             tail = [ln for ln in r.stderr.splitlines() if ln.strip()]
             how = f"failed (exit {r.returncode}: {tail[-1].strip() if tail else 'no message'})"
-        amx = "AMX_INT8 = 1" in info
         fix = (
             "this build has llama.cpp's AMX kernels, which crash on this CPU: rebuild without them with "
             "`rm -rf .venv ~/.cache/windq/wheels && make` (the Makefile compiles with -mno-amx-*)"
-            if amx
+            if _amx_compiled(info)
             else "rebuild llama-cpp-python with `rm -rf .venv ~/.cache/windq/wheels && make`, and report the CPU and build above"
         )
         raise RuntimeCrashError(
