@@ -22,7 +22,7 @@ from windq.export.scoring import evaluate_chunks
 from windq.models.align import aligned_geometry, align_gguf, geometry
 from windq.models.gguf_model import GGUFModel
 from windq.keys import CalibrationFiles
-from windq.pipeline.calibrate import load_tokens, pad_calibration
+from windq.pipeline.calibrate import load_judge_tokens, pad_calibration
 from windq.pipeline.imatrix import load_imatrix, read_imatrix
 from windq.plan import Plan
 from windq.pipeline.planner import PlanConfig, PlannerResult, check_calibration_folder, run_planner
@@ -89,7 +89,7 @@ def plan_with_alignment(
         raise BudgetError(f"as it is, {unreachable[None]}; aligned to {to}, {unreachable[to]}")
 
     measured: dict[int | None, tuple[float, float]] = {}
-    tokens = load_tokens(statsdir)[:chunks]
+    tokens = load_judge_tokens(statsdir)[:chunks]
     if len(results) == 2:
         with tempfile.TemporaryDirectory() as tmp:
             paths = []

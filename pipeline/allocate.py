@@ -87,22 +87,27 @@ class Problem:
 
 
 def build_problem(
-    model: GGUFModel, tables: Tables, *, granularity: str = "tensor", allowed: tuple[str, ...] | None = None
-) -> Problem:
+    model: GGUFModel, tables: Tables, *, granularity: str = "tensor", allowed: tuple[str, ...] | None = None,
+    objective: str = "proxy",
+) -> Problem:  # fmt: skip
+    """The allocation problem: one unit per tensor (or column chunk), its legal types, their exact
+    bytes, and their error under `objective` (`kl`: the predicted real loss, what `windq plan`
+    optimises; `proxy`: the imatrix-weighted error, all tables without a Fisher have)."""
     units = []
     for name, t in tables.tensors.items():
         keep = [i for i, ty in enumerate(t.types) if allowed is None or ty in allowed]
         if not keep:
             raise BudgetError(f"{name}: none of the allowed types ({', '.join(allowed or ())}) can be written for it")
+        err = t.objective(objective)
         if granularity == "tensor":
-            units.append(Unit(name, 0, tuple(t.types[i] for i in keep), t.tensor_bytes()[keep], t.tensor_error()[keep]))
+            units.append(Unit(name, 0, tuple(t.types[i] for i in keep), t.tensor_bytes()[keep], err.sum(axis=1)[keep]))
             continue
         legal = t.chunk_legal
         for c in range(len(t.chunk_cols)):
             ok = [i for i in keep if legal[i, c]]
             if not ok:
                 raise BudgetError(f"{name}: no allowed type fits its {t.chunk_cols[c]}-column chunks")
-            units.append(Unit(name, c, tuple(t.types[i] for i in ok), t.nbytes[ok, c], t.error[ok, c]))
+            units.append(Unit(name, c, tuple(t.types[i] for i in ok), t.nbytes[ok, c], err[ok, c]))
     fixed = sum(info.nbytes for n, info in model.tensors.items() if n not in tables.tensors)
     return Problem(tuple(units), fixed, model.n_real_weights, granularity)
 

@@ -3,7 +3,13 @@ the statistics of the activations that multiply it.
 
 The importance matrix is Σ x_j² per input column j (what llama-imatrix collects), saved in the
 GGUF imatrix format. Alongside it windq keeps per-column mean |x| and max |x| (features for the
-planner) and the calibration tokens themselves (the planner's held-in loss is measured on them).
+planner), the calibration tokens themselves, and two things the planner's predictor of real loss
+needs:
+- the Fisher information of every weight, as row and column marginals (`fisher_marginals`): how
+  much the model's output distribution moves when that weight moves, which the imatrix (inputs
+  only) cannot see;
+- judge chunks: held-in tokens cut after the imatrix's, never used for the imatrix or the Fisher,
+  on which the planner measures the real KL of its candidate plans.
 
 Statistics are keyed by GGUF tensor name; HF module names are mapped with gguf's TensorNameMap.
 Text is tokenized by llama.cpp from the GGUF's own vocabulary, so calibration and evaluation see
@@ -18,7 +24,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import gguf
 import numpy as np
@@ -40,6 +46,8 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 class CalibrationConfig:
     tokens: int = 16384  # calibration tokens to run (rounded down to whole chunks)
     ctx: int = 512  # tokens per chunk, each chunk from an empty cache as llama-imatrix does
+    fisher_chunks: int = 2  # chunks (of the imatrix's) the Fisher is estimated on: a backward pass each
+    judge_chunks: int = 8  # chunks after the imatrix's, kept for measuring plans' real KL
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 
@@ -70,6 +78,8 @@ class Calibration:
     stats: dict[str, ActivationStats]
     tokens: np.ndarray  # the calibration tokens, in chunks of ctx
     meta: dict
+    fisher: dict[str, "FisherStats"] = field(default_factory=dict)
+    judge: np.ndarray | None = None  # held-in chunks the imatrix and Fisher never saw
 
     @property
     def imatrix(self) -> Imatrix:
@@ -156,6 +166,85 @@ def module_to_tensor(model: GGUFModel, torch_model) -> dict[str, str]:
     return out
 
 
+def tensor_params(model: GGUFModel, torch_model) -> dict[str, list]:
+    """GGUF weight name → the torch parameters holding it (one, or the embedding and a tied head)."""
+    out: dict[str, list] = {}
+    for mod_name, tensor in module_to_tensor(model, torch_model).items():
+        p = torch_model.get_submodule(mod_name).weight
+        if all(q is not p for q in out.get(tensor, [])):
+            out.setdefault(tensor, []).append(p)
+    emb = torch_model.get_input_embeddings().weight
+    if "token_embd.weight" in model.tensors and all(p is not emb for p in out.get("token_embd.weight", [])):
+        out.setdefault("token_embd.weight", []).append(emb)
+    return out
+
+
+def hf_row_order(model: GGUFModel, torch_model, tensor: str, rows: int) -> np.ndarray:
+    """[k]: the GGUF row that HF's row k of `tensor` is. transformers undoes llama.cpp's rotary
+    permutation of Q and K when it loads a GGUF; every other tensor keeps its row order."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    cfg = torch_model.config
+    proc = LlamaTensorProcessor(config={"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads})
+    index = np.arange(rows, dtype=np.float32)[:, None]
+    return np.asarray(proc.process(index, tensor).weights).reshape(rows).astype(np.int64)
+
+
+@dataclass
+class FisherStats:
+    """Row and column sums of one weight's diagonal Fisher information, F_ij = E[(∂L/∂W_ij)²] per
+    sequence, L the log-likelihood of labels sampled from the model itself (so E is the true Fisher,
+    whose quadratic form is the second-order KL). Rows in GGUF order."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+
+
+def fisher_marginals(
+    model: GGUFModel, torch_model, tokens: np.ndarray, *, seed: int = 0, progress: Callable[[int, int], None] | None = None
+) -> dict[str, FisherStats]:
+    """The diagonal Fisher of every planned weight, per sequence, averaged over `tokens`' chunks,
+    kept as row and column marginals (F ≈ r cᵀ / Σr: the full diagonal is as big as the model).
+
+    KL(p ‖ p_δ) ≈ ½ δᵀ F δ for a small weight perturbation δ; for a sequence of T tokens this is the
+    KL summed over its positions, so the per-token KL is that ÷ T (sensitivity.py uses it)."""
+    import torch
+
+    params = tensor_params(model, torch_model)
+    for p in torch_model.parameters():
+        p.requires_grad_(False)
+    for ps in params.values():
+        for p in ps:
+            p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed)
+    sums = {t: (np.zeros(ps[0].shape[0]), np.zeros(ps[0].shape[1])) for t, ps in params.items()}
+    n = len(tokens)
+    try:
+        for i in range(n):
+            torch_model.zero_grad(set_to_none=True)
+            logits = torch_model(torch.from_numpy(tokens[i : i + 1]), use_cache=False).logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            labels = torch.multinomial(logp.detach().exp().view(-1, logp.shape[-1]), 1, generator=gen)
+            (-logp.view(-1, logp.shape[-1]).gather(1, labels).sum()).backward()
+            for t, ps in params.items():
+                g2 = ps[0].grad.double().square()  # tied parameters share one .grad
+                sums[t][0][:] += g2.sum(1).numpy()
+                sums[t][1][:] += g2.sum(0).numpy()
+            if progress:
+                progress(i + 1, n)
+    finally:
+        torch_model.zero_grad(set_to_none=True)
+        for p in torch_model.parameters():
+            p.requires_grad_(False)
+    out = {}
+    for t, (r, c) in sums.items():
+        order = hf_row_order(model, torch_model, t, len(r))
+        rows = np.empty_like(r)
+        rows[order] = r
+        out[t] = FisherStats(rows=(rows / n).astype(np.float32), cols=(c / n).astype(np.float32))
+    return out
+
+
 @contextmanager
 def observe_linear_inputs(torch_model, names: dict[str, str], stats: dict[str, ActivationStats]) -> Iterator[None]:
     """Attach forward pre-hooks that feed every mapped Linear's input into `stats`; detach after."""
@@ -186,7 +275,12 @@ def calibrate(
     import torch
 
     t0 = time.perf_counter()
-    tokens = token_chunks(model.path, text.content, cfg.ctx, max_chunks=cfg.tokens // cfg.ctx, text_name=text.name)
+    want = cfg.tokens // cfg.ctx
+    every = token_chunks(
+        model.path, text.content, cfg.ctx, max_chunks=want + cfg.judge_chunks, min_chunks=1 + cfg.judge_chunks, text_name=text.name
+    )
+    # the judge chunks come off the end: the imatrix takes what is left, up to `want`
+    tokens, judge = every[: len(every) - cfg.judge_chunks], every[len(every) - cfg.judge_chunks :]
     n_chunks = len(tokens)
 
     tm = load_torch_model(model)
@@ -197,6 +291,11 @@ def calibrate(
             tm(torch.from_numpy(tokens[i : i + 1]), use_cache=False)
             if progress:
                 progress(i + 1, n_chunks)
+    n_fisher = min(cfg.fisher_chunks, n_chunks)
+    with torch_threads(cfg.threads):
+        fisher = fisher_marginals(
+            model, tm, tokens[:n_fisher], progress=(lambda d, t: progress(n_chunks + d, n_chunks + n_fisher)) if progress else None
+        )
     meta = {
         "windq": __version__,
         "model": model.path.name,
@@ -206,9 +305,11 @@ def calibrate(
         "ctx": cfg.ctx,
         "chunks": n_chunks,
         "tokens": int(tokens.size),
+        "fisher_chunks": n_fisher,
+        "judge_chunks": len(judge),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    return Calibration(stats=stats, tokens=tokens, meta=meta)
+    return Calibration(stats=stats, tokens=tokens, meta=meta, fisher=fisher, judge=judge)
 
 
 def save_calibration(cal: Calibration, outdir: str | Path, architecture: str = "llama") -> Path:
@@ -224,6 +325,11 @@ def save_calibration(cal: Calibration, outdir: str | Path, architecture: str = "
     with atomic_output(outdir / CalibrationFiles.TOKENS) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, cal.tokens.astype(np.int32))
+    if cal.judge is not None:
+        with atomic_output(outdir / CalibrationFiles.JUDGE_TOKENS) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, cal.judge.astype(np.int32))
+    save_fisher(cal.fisher, outdir / CalibrationFiles.FISHER)
     atomic_write_text(outdir / CalibrationFiles.META, json.dumps(cal.meta, indent=1) + "\n")
     return outdir
 
@@ -238,6 +344,32 @@ def load_activation_stats(statsdir: str | Path) -> dict[str, dict[str, np.ndarra
         tensor, stat = key.split("|")
         out.setdefault(tensor, {})[stat] = value
     return out
+
+
+def save_fisher(fisher: Mapping[str, FisherStats], path: str | Path) -> Path:
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{f"{k}|rows": s.rows for k, s in fisher.items()}, **{f"{k}|cols": s.cols for k, s in fisher.items()})
+    return Path(path)
+
+
+def load_fisher(statsdir: str | Path) -> dict[str, FisherStats]:
+    path = Path(statsdir) / CalibrationFiles.FISHER
+    if not path.is_file():
+        raise CalibrationError(f"{statsdir}: no {CalibrationFiles.FISHER} (made by an older windq); run `windq calibrate` again")
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in load_arrays(path).items():
+        tensor, part = key.split("|")
+        parts.setdefault(tensor, {})[part] = value
+    return {t: FisherStats(rows=p["rows"], cols=p["cols"]) for t, p in parts.items()}
+
+
+def load_judge_tokens(statsdir: str | Path) -> np.ndarray:
+    """Held-in chunks the imatrix was not computed from: where plans' real KL is measured."""
+    path = Path(statsdir) / CalibrationFiles.JUDGE_TOKENS
+    if not path.is_file():
+        raise CalibrationError(f"{statsdir}: no {CalibrationFiles.JUDGE_TOKENS} (made by an older windq); run `windq calibrate` again")
+    return load_array(path)
 
 
 def load_tokens(statsdir: str | Path) -> np.ndarray:
@@ -272,9 +404,27 @@ def pad_calibration(src_dir: str | Path, dst_dir: str | Path, aligned: GGUFModel
     with atomic_output(dst_dir / CalibrationFiles.TOKENS) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, load_tokens(src_dir))
+    with atomic_output(dst_dir / CalibrationFiles.JUDGE_TOKENS) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, load_judge_tokens(src_dir))
+    # align.py pads rows and columns at the end; padded weights see no input and feed nothing
+    # downstream, so their Fisher is zero
+    save_fisher(
+        {
+            t: FisherStats(rows=_zero_pad(f.rows, aligned.tensors[t].n_elements // aligned.tensors[t].n_per_row), cols=pad_columns(f.cols, aligned, t))
+            for t, f in load_fisher(src_dir).items()
+        },
+        dst_dir / CalibrationFiles.FISHER,
+    )
     meta = json.loads((src_dir / CalibrationFiles.META).read_text())
     meta.update(
         model=aligned.path.name, model_sha256=aligned.sha256, padded_from=str(src_dir), padded_from_imatrix_sha256=im.sha256()
     )
     atomic_write_text(dst_dir / CalibrationFiles.META, json.dumps(meta, indent=1) + "\n")
     return dst_dir
+
+
+def _zero_pad(v: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=np.float32)
+    out[: len(v)] = v
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,11 +10,11 @@ from typing import Callable
 
 import numpy as np
 
-from windq.errors import CalibrationError, InputError
+from windq.errors import BudgetError, CalibrationError, InputError
 from windq.models.gguf_model import GGUFModel
 from windq.pipeline import allocate
 from windq.keys import CalibrationFiles
-from windq.pipeline.calibrate import load_activation_stats, load_tokens
+from windq.pipeline.calibrate import load_activation_stats, load_fisher, load_judge_tokens
 from windq.pipeline.imatrix import load_imatrix
 from windq.plan import Plan, make_plan
 from windq.pipeline.sensitivity import Tables, load_or_compute
@@ -28,8 +29,14 @@ class PlanConfig:
     seed: int = 0
     episodes: int = 20  # PPO training episodes
     policy: str | None = None  # apply a saved policy instead of training
-    real_loss_tokens: int = 256  # held-in calibration tokens for the PPO episode-end KL (0: proxy only)
+    real_loss_tokens: int = 1024  # judge tokens for the PPO episode-end KL, over several sequences (0: none)
     threads: int | None = None
+    # what the allocator minimises: "proxy" (imatrix) or "kl" (Fisher-predicted real loss). The
+    # default stays "proxy" until `windq fidelity` has measured that "kl" ranks plans better.
+    objective: str = "proxy"
+    exclude_source: bool = False  # never plan a tensor in its source type (llama.cpp would copy it, error-free)
+    verify: bool = False  # measure the plan against the best uniform plan and llama.cpp's mixes; keep the best
+    verify_tokens: int = 2048  # judge tokens the verification measures on (8 sequences of 256)
 
     @property
     def group(self) -> int | None:
@@ -45,11 +52,12 @@ class PlanConfig:
 class PlannerResult:
     plan: Plan
     tensor_problem: allocate.Problem
-    tensor_choice: np.ndarray
+    tensor_choice: np.ndarray | None  # None when a rival's plan won the verification
     proxy_error: float
     chunk_proxy_error: float | None = None
     ppo: object | None = None  # PPOResult
     policy: object | None = None  # the PPO policy network trained or applied (`ppo.save_policy` writes it)
+    candidates: list | None = None  # verify.Candidate rows, best first, when verified
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class Job:
     cfg: "PlanConfig"
     policy: object | None  # a loaded --policy
     progress: Callable[[int, int], None] | None
+    judge: Callable[[], object]  # the RealLoss on the judge chunks, built on first use
 
 
 @dataclass(frozen=True)
@@ -102,9 +111,7 @@ def _ppo(job: Job) -> Allocation:
     if cfg.real_loss_tokens > 0:
         from windq.pipeline.real_loss import RealLoss
 
-        tokens = load_tokens(job.statsdir)
-        n = min(cfg.real_loss_tokens, tokens.shape[1])
-        loss = RealLoss(model, imatrix, tokens[:1, :n])
+        loss = job.judge()
         # the real loss is judged on the exported plan: chunk choices are projected first
         if prob.granularity == "tensor":
             real = lambda choice: loss.kl(allocate.tensor_types(tp, choice))  # noqa: E731
@@ -125,6 +132,14 @@ def _ppo(job: Job) -> Allocation:
 METHODS: dict[str, Callable[[Job], Allocation]] = {"knapsack": _knapsack, "ppo": _ppo, "uniform": _uniform, "random": _random}
 
 
+def judge_sequences(judge: np.ndarray, tokens: int, per_sequence: int = 256) -> np.ndarray:
+    """`tokens` judge tokens as the first `per_sequence` of as many chunks as it takes (several
+    sequences, not one long one: positions late in one text are not independent samples)."""
+    per = min(per_sequence, judge.shape[1])
+    n = min(len(judge), max(1, -(-tokens // per)))
+    return judge[:n, :per]
+
+
 def check_calibration_folder(statsdir: str | Path) -> Path:
     """A folder `windq calibrate` wrote; cheap, so a wrong --stats fails before anything is loaded."""
     meta_path = Path(statsdir) / CalibrationFiles.META
@@ -138,6 +153,23 @@ def _check_stats(model: GGUFModel, statsdir: Path) -> None:
     meta = json.loads(meta_path.read_text())
     if meta.get("model_sha256") != model.sha256:
         raise CalibrationError(f"{statsdir} was calibrated on {meta.get('model')}, not {model.path.name}; calibrate this model")
+
+
+def load_tables(
+    model: GGUFModel, statsdir: Path, imatrix: dict[str, np.ndarray], imatrix_sha256: str, *, group: int | None = 256,
+    threads: int | None = None, progress: Callable[[int, int], None] | None = None,
+) -> Tables:  # fmt: skip
+    """The calibration folder's cached tables (proxy and predicted KL), built on first use."""
+    import hashlib
+
+    F = CalibrationFiles
+    fisher = load_fisher(statsdir)
+    meta = json.loads((statsdir / F.META).read_text())
+    return load_or_compute(
+        model, imatrix, statsdir, group=group, imatrix_sha256=imatrix_sha256, threads=threads, progress=progress,
+        fisher=fisher, tokens_per_sequence=int(meta["ctx"]),
+        fisher_sha256=hashlib.sha256((statsdir / F.FISHER).read_bytes()).hexdigest(),
+    )  # fmt: skip
 
 
 def weight_column_stats(model: GGUFModel, names) -> dict[str, np.ndarray]:
@@ -169,14 +201,24 @@ def run_planner(
 
     group = cfg.group
     # tensor plans read whole-tensor sums from the G=256 tables, so both granularities share one cache
-    tables: Tables = load_or_compute(
-        model, data, statsdir, group=group or 256, imatrix_sha256=im.sha256(), threads=cfg.threads, progress=bar("tables")
-    )
-    tp = allocate.build_problem(model, tables, granularity="tensor", allowed=cfg.types)
-    tp.check_budget(cfg.bpw)
-    prob = tp if group is None else allocate.build_problem(model, tables, granularity=cfg.granularity, allowed=cfg.types)
+    tables = load_tables(model, statsdir, data, im.sha256(), group=group or 256, threads=cfg.threads, progress=bar("tables"))
+    allowed = allowed_types(model, tables, cfg)
+    tp = allocate.build_problem(model, tables, granularity="tensor", allowed=allowed, objective=cfg.objective)
+    budget = tp.check_budget(cfg.bpw)
+    prob = tp if group is None else allocate.build_problem(model, tables, granularity=cfg.granularity, allowed=allowed, objective=cfg.objective)
 
-    allocation = METHODS[cfg.method](Job(model, statsdir, tables, prob, tp, data, cfg, policy, bar(cfg.method)))
+    judge_cache: list = []
+
+    def judge():
+        # one fake-quantized torch model for PPO's episode-end KL and the verification
+        if not judge_cache:
+            from windq.pipeline.real_loss import RealLoss
+
+            n = max(cfg.verify_tokens if cfg.verify else 0, cfg.real_loss_tokens)
+            judge_cache.append(RealLoss(model, data, judge_sequences(load_judge_tokens(statsdir), n)))
+        return judge_cache[0]
+
+    allocation = METHODS[cfg.method](Job(model, statsdir, tables, prob, tp, data, cfg, policy, bar(cfg.method), judge))
     choice, ppo_result, policy = allocation.choice, allocation.ppo, allocation.policy
 
     chunk_error = None
@@ -190,9 +232,40 @@ def run_planner(
         "seed": cfg.seed,
         "imatrix_sha256": im.sha256(),
         "calibration": str(statsdir),
-        "proxy_error": tp.error_of(tchoice),
-        "allowed_types": list(cfg.types) if cfg.types else None,
+        "objective": cfg.objective,
+        "predicted_error": tp.error_of(tchoice),
+        "allowed_types": list(allowed) if allowed else None,
+        "source_type_excluded": cfg.exclude_source,
     }
+    candidates = None
+    if cfg.verify:
+        from windq.pipeline import verify
+
+        own = [verify.Candidate(f"windq {cfg.method}", types, tp.bytes_of(tchoice), tp.bpw(tp.bytes_of(tchoice)), predicted=tp.error_of(tchoice))]
+        if cfg.method == "ppo":
+            k = allocate.knapsack(tp, cfg.bpw)
+            own.append(verify.Candidate("windq knapsack", allocate.tensor_types(tp, k), tp.bytes_of(k), tp.bpw(tp.bytes_of(k)), predicted=tp.error_of(k)))
+        try:
+            u = allocate.uniform(tp, cfg.bpw)
+            t = tp.units[0].types[u[0]]
+            own.append(verify.Candidate(f"uniform {t}", allocate.tensor_types(tp, u), tp.bytes_of(u), tp.bpw(tp.bytes_of(u)), predicted=tp.error_of(u)))
+        except BudgetError:
+            pass  # no single type fits: nothing to compare with
+        stock = verify.stock_candidates(
+            model, set(types), budget, tp.fixed_bytes, tp.n_weights, data, im.sha256(), statsdir, allowed=allowed, progress=bar("mixes")
+        )
+        stock = [dataclasses.replace(c, predicted=_predicted(tp, c.types)) for c in stock]
+        candidates = verify.measure(verify.unique(own + stock), judge().kl, progress=bar("verify"))
+        best = candidates[0]
+        verify.check_fits(best, budget)
+        prov["verified"] = {
+            "chosen": best.label,
+            "measured_on": f"{judge().n_tokens} held-in judge tokens ({judge().n_sequences} sequences) the imatrix never saw",
+            "candidates": [c.row() for c in candidates],
+        }
+        if best.types != types:
+            types, tchoice = best.types, None
+            prov["predicted_error"] = best.predicted
     # llama-imatrix collects nothing for some tensors (token_embd; output when tied): the tables
     # weight their error by the mean importance of the others (sensitivity.py), recorded here
     missing = sorted(set(tables.tensors) - set(data))
@@ -207,7 +280,26 @@ def run_planner(
             "knapsack_kl": ppo_result.knapsack_kl, "policy": cfg.policy,
         }  # fmt: skip
     plan = make_plan(model, types, method=cfg.method, budget_bpw=cfg.bpw, granularity=cfg.granularity, provenance=prov)
-    return PlannerResult(plan, tp, tchoice, tp.error_of(tchoice), chunk_error, ppo_result, policy)
+    return PlannerResult(plan, tp, tchoice, prov["predicted_error"], chunk_error, ppo_result, policy, candidates)
+
+
+def _predicted(p: allocate.Problem, types: dict[str, str]) -> float | None:
+    """The objective's sum for a tensor plan, or None where it uses a type the problem lacks."""
+    total = 0.0
+    for u in p.units:
+        if types[u.tensor] not in u.types:
+            return None
+        total += float(u.error[u.types.index(types[u.tensor])])
+    return total
+
+
+def allowed_types(model: GGUFModel, tables: Tables, cfg: PlanConfig) -> tuple[str, ...] | None:
+    """The types the plan may use: --types, less the tensors' source types with --exclude-source."""
+    if not cfg.exclude_source:
+        return cfg.types
+    pool = set(cfg.types) if cfg.types else {t for table in tables.tensors.values() for t in table.types}
+    source = {model.tensors[n].type_name for n in tables.tensors}
+    return tuple(sorted(pool - source))
 
 
 def _chunk_types(p: allocate.Problem, choice: np.ndarray) -> dict[str, list[str]]:

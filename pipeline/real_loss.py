@@ -15,7 +15,7 @@ import numpy as np
 
 from windq import ggml, registry
 from windq.models.gguf_model import GGUFModel
-from windq.pipeline.calibrate import load_torch_model, module_to_tensor
+from windq.pipeline.calibrate import load_torch_model, tensor_params
 
 
 class RealLoss:
@@ -32,14 +32,17 @@ class RealLoss:
         self._permute = LlamaTensorProcessor(
             config={"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads}
         )
-        self.params: dict[str, list] = {}
-        for mod_name, tensor in module_to_tensor(model, self.tm).items():
-            self.params.setdefault(tensor, []).append(self.tm.get_submodule(mod_name).weight)
-        emb = self.tm.get_input_embeddings().weight
-        if "token_embd.weight" in model.tensors and all(p is not emb for p in self.params.get("token_embd.weight", [])):
-            self.params.setdefault("token_embd.weight", []).append(emb)
+        self.params = tensor_params(model, self.tm)
         self._bytes: dict[tuple[str, str], np.ndarray] = {}
         self.ref_logp = self._logp()
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+    @property
+    def n_sequences(self) -> int:
+        return int(self.tokens.shape[0])
 
     def _logp(self):
         import torch

@@ -48,11 +48,32 @@ def allocation_map(plan: Plan, path: str | Path) -> Path:
     return Path(path)
 
 
+def _objective_line(plan: Plan, value: float | None) -> str:
+    if value is None:
+        return "predicted error: none (the chosen plan uses a type the tables lack)"
+    if plan.provenance.get("objective", "proxy") == "kl":
+        return f"predicted KL increase (Fisher, tensor plan): {value:.5f} nats per token"
+    return f"proxy error (activation-weighted, tensor plan): {value:.6g}"
+
+
+def candidates_table(plan: Plan) -> list[str]:
+    """The verification's candidates, best first, as a table (empty when not verified)."""
+    v = plan.provenance.get("verified")
+    if not v:
+        return []
+    lines = [f"verified on {v['measured_on']}:", "  candidate                     bits/weight   KL (nats/token)   predicted"]
+    for c in v["candidates"]:
+        pred = "—" if c["predicted"] is None else f"{c['predicted']:.5f}"
+        mark = "  ← chosen" if c["label"] == v["chosen"] else ""
+        lines.append(f"  {c['label']:<28}  {c['bpw']:>10.3f}   {c['kl']:>15.5f}   {pred:>9}{mark}")
+    return lines
+
+
 def summary(plan: Plan, proxy_error: float, chunk_proxy_error: float | None = None, ppo=None) -> list[str]:
     lines = [
         f"method {plan.method} ({plan.granularity}), budget {plan.budget_bpw:g} → achieved {plan.achieved_bpw:.4f} "
         f"bits per weight, {plan.total_bytes / 1e6:.2f} MB of tensor data",
-        f"proxy error (activation-weighted, tensor plan): {proxy_error:.6g}",
+        _objective_line(plan, proxy_error),
     ]
     if chunk_proxy_error is not None:
         lines.append(

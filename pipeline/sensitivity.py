@@ -4,7 +4,18 @@ For a weight W (rows × n columns), a type t and the importance m_j of column j 
 
     error(t, chunk) = Σ_rows Σ_{j in chunk} m_j · (W_ij − q_t(W)_ij)²
 
-where q_t(W) is what the exported file will hold: W quantized by ggml's own `ggml_quantize_chunk`
+and, beside it, the predicted real loss: the increase of KL(reference ‖ plan) per token that the
+error alone causes, to second order,
+
+    kl(t, chunk) = ½ Σ_rows Σ_{j in chunk} F_ij · (W_ij − q_t(W)_ij)² ÷ T
+
+with F the weight's diagonal Fisher information per sequence of T tokens (calibrate.py), kept as
+row and column marginals, F_ij ≈ r_i c_j / Σr. The Fisher sees what the imatrix cannot: how much
+the output distribution cares about each output row, so an `ffn_down` writing into the residual
+stream is no longer rated like a `v` projection of the same input size. The planner optimises
+`kl`; `error` stays, as the imatrix proxy llama.cpp's tools use, for comparison (`--objective`).
+
+In both, q_t(W) is what the exported file will hold: W quantized by ggml's own `ggml_quantize_chunk`
 with the same importance data llama.cpp gets, then decoded by ggml's `to_float`. Two details make
 the table bit-exact with the export:
 - a tensor already stored as t is copied by llama.cpp, not requantized, so its error is 0;
@@ -26,7 +37,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Collection, Mapping
+from typing import TYPE_CHECKING, Callable, Collection, Mapping
 
 import numpy as np
 
@@ -35,7 +46,10 @@ from windq import ggml, registry
 from windq.files import atomic_output, load_arrays
 from windq.models.gguf_model import GGUFModel, TensorInfo
 
-TABLE_VERSION = 1
+if TYPE_CHECKING:
+    from windq.pipeline.calibrate import FisherStats
+
+TABLE_VERSION = 2  # 2: the predicted KL beside the proxy
 GROUPS = (128, 256, 512)  # column-chunk widths offered; None = the whole row
 _JOB_WEIGHTS = 1 << 21  # weights per quantization job (a row block)
 
@@ -46,8 +60,19 @@ class TensorTable:
     shape: tuple[int, ...]
     types: tuple[str, ...]  # legal on the tensor, cheapest first
     chunk_cols: np.ndarray  # width of every column chunk
-    error: np.ndarray  # [n_types, n_chunks] activation-weighted squared error
+    error: np.ndarray  # [n_types, n_chunks] activation-weighted squared error (the imatrix proxy)
     nbytes: np.ndarray  # [n_types, n_chunks] exact bytes of the chunk in the type
+    kl: np.ndarray | None = None  # [n_types, n_chunks] predicted KL increase per token, nats
+
+    def objective(self, name: str) -> np.ndarray:
+        """The per-chunk error an allocator minimises: `kl` (predicted real loss) or `proxy`."""
+        if name == "proxy":
+            return self.error
+        if name == "kl":
+            if self.kl is None:
+                raise InputError(f"{self.name}: these tables hold no predicted KL (no Fisher in the calibration); use --objective proxy")
+            return self.kl
+        raise InputError(f"--objective {name}: use kl or proxy")
 
     @property
     def chunk_legal(self) -> np.ndarray:
@@ -78,6 +103,8 @@ class Tables:
         arrays = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
         for n, t in self.tensors.items():
             arrays[f"{n}|cols"], arrays[f"{n}|error"], arrays[f"{n}|nbytes"] = t.chunk_cols, t.error, t.nbytes
+            if t.kl is not None:
+                arrays[f"{n}|kl"] = t.kl
         with atomic_output(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
@@ -88,7 +115,7 @@ class Tables:
         z = load_arrays(path)
         header = json.loads(z["header"].tobytes())
         tensors = {
-            n: TensorTable(n, tuple(h["shape"]), tuple(h["types"]), z[f"{n}|cols"], z[f"{n}|error"], z[f"{n}|nbytes"])
+            n: TensorTable(n, tuple(h["shape"]), tuple(h["types"]), z[f"{n}|cols"], z[f"{n}|error"], z[f"{n}|nbytes"], z.get(f"{n}|kl"))
             for n, h in header["tensors"].items()
         }
         return cls(header["group"], header["model_sha256"], header["imatrix_sha256"], tensors)
@@ -117,9 +144,11 @@ def _chunk_bytes(total: int, cols: np.ndarray) -> np.ndarray:
     return np.diff(edges).astype(np.int64)
 
 
-def _column_error(w: np.ndarray, q: np.ndarray, importance: np.ndarray) -> np.ndarray:
+def _column_error(w: np.ndarray, q: np.ndarray, importance: np.ndarray, row_weight: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per column: Σ_i d_ij² · m_j (the proxy), and Σ_i r_i d_ij² (the Fisher's row-weighted part)."""
     d = w - q
-    return np.einsum("ij,ij->j", d, d, dtype=np.float64) * importance
+    sq = np.einsum("ij,ij->j", d, d, dtype=np.float64)
+    return sq * importance, None if row_weight is None else np.einsum("i,ij,ij->j", row_weight.astype(np.float64), d, d)
 
 
 def compute_tables(
@@ -132,10 +161,16 @@ def compute_tables(
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     only: Collection[str] | None = None,
+    fisher: Mapping[str, "FisherStats"] | None = None,
+    tokens_per_sequence: int | None = None,
 ) -> Tables:
-    """Tables for every quantizable tensor (or the `only` ones) and every legal type (or the `allowed` ones)."""
+    """Tables for every quantizable tensor (or the `only` ones) and every legal type (or the `allowed` ones).
+
+    With `fisher` (and the `tokens_per_sequence` it was measured on), the predicted KL too."""
     check_group(group)
     imatrix = dict(imatrix or {})
+    if fisher is not None and not tokens_per_sequence:
+        raise ValueError("the Fisher's tokens per sequence are needed to predict a per-token KL")
     # A tensor without importance data (llama-imatrix skips token_embd and output) is quantized
     # without it, as llama.cpp will; its error is weighted by the mean importance of the others,
     # so its scale stays comparable.
@@ -168,21 +203,30 @@ def compute_tables(
         w = weights(t)[r0:r1]
         im = imatrix.get(t.name)
         importance = im if im is not None else np.full(t.n_per_row, mean_importance, dtype=np.float32)
+        rw = None if fisher is None else fisher[t.name].rows[r0:r1]
         if qt.id == t.type_id:
-            col = np.zeros(t.n_per_row)  # llama.cpp copies a tensor already in the planned type
+            # llama.cpp copies a tensor already in the planned type
+            col, kcol = np.zeros(t.n_per_row), None if rw is None else np.zeros(t.n_per_row)
         else:
-            col = _column_error(w, ggml.round_trip(qt.id, w, im), importance)
+            col, kcol = _column_error(w, ggml.round_trip(qt.id, w, im), importance, rw)
         with lock:
             pending[t.name] -= 1
             if pending[t.name] == 0:
                 cache.pop(t.name, None)  # no job left for this tensor: free its weights
-        return t.name, qt.name, col
+        return t.name, qt.name, col, kcol
 
+    if fisher is not None:
+        missing = [t.name for t in tensors if t.name not in fisher]
+        if missing:
+            raise InputError(f"the calibration's Fisher lacks {', '.join(missing[:3])}; run `windq calibrate` again")
     results: dict[str, dict[str, np.ndarray]] = {t.name: {} for t in tensors}
+    kl_cols: dict[str, dict[str, np.ndarray]] = {t.name: {} for t in tensors}
     # ggml's quantizers and numpy's big loops release the GIL, so threads scale on the cores.
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
-        for done, (name, type_name, col) in enumerate(pool.map(run, jobs), 1):
+        for done, (name, type_name, col, kcol) in enumerate(pool.map(run, jobs), 1):
             results[name][type_name] = results[name].get(type_name, 0) + col
+            if kcol is not None:
+                kl_cols[name][type_name] = kl_cols[name].get(type_name, 0) + kcol
             if progress:
                 progress(done, len(jobs))
 
@@ -193,19 +237,28 @@ def compute_tables(
         starts = np.concatenate([[0], np.cumsum(cols)[:-1]])
         error = np.stack([np.add.reduceat(results[t.name][ty], starts) for ty in types])
         nbytes = np.stack([_chunk_bytes(registry.get(ty).nbytes(t.shape), cols) for ty in types])
-        out[t.name] = TensorTable(t.name, t.shape, types, cols, error, nbytes)
+        kl = None
+        if fisher is not None:
+            f = fisher[t.name]
+            # ½ Σ r_i c_j d_ij² / Σr per sequence, ÷ T for a per-token KL
+            scale = f.cols.astype(np.float64) / (2.0 * max(float(f.rows.sum()), 1e-30) * tokens_per_sequence)
+            kl = np.stack([np.add.reduceat(kl_cols[t.name][ty] * scale, starts) for ty in types])
+        out[t.name] = TensorTable(t.name, t.shape, types, cols, error, nbytes, kl)
     return Tables(group, model.sha256, imatrix_sha256, out)
 
 
-def cache_key(model_sha256: str, imatrix_sha256: str | None, group: int | None, allowed: tuple[str, ...] | None) -> str:
-    raw = json.dumps([TABLE_VERSION, model_sha256, imatrix_sha256, group, sorted(allowed) if allowed else None])
+def cache_key(
+    model_sha256: str, imatrix_sha256: str | None, group: int | None, allowed: tuple[str, ...] | None, fisher_sha256: str | None = None
+) -> str:
+    raw = json.dumps([TABLE_VERSION, model_sha256, imatrix_sha256, group, sorted(allowed) if allowed else None, fisher_sha256])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
 def cache_path(
-    model: GGUFModel, imatrix_sha256: str | None, cache_dir: str | Path, *, group: int | None = 256, allowed: tuple[str, ...] | None = None
-) -> Path:
-    key = cache_key(model.sha256, imatrix_sha256, group, allowed)
+    model: GGUFModel, imatrix_sha256: str | None, cache_dir: str | Path, *, group: int | None = 256,
+    allowed: tuple[str, ...] | None = None, fisher_sha256: str | None = None,
+) -> Path:  # fmt: skip
+    key = cache_key(model.sha256, imatrix_sha256, group, allowed, fisher_sha256)
     return Path(cache_dir) / f"sensitivity-{'row' if group is None else f'g{group}'}-{key}.npz"
 
 
@@ -219,12 +272,16 @@ def load_or_compute(
     imatrix_sha256: str | None = None,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    fisher: Mapping[str, "FisherStats"] | None = None,
+    tokens_per_sequence: int | None = None,
+    fisher_sha256: str | None = None,
 ) -> Tables:
-    path = cache_path(model, imatrix_sha256, cache_dir, group=group, allowed=allowed)
+    path = cache_path(model, imatrix_sha256, cache_dir, group=group, allowed=allowed, fisher_sha256=fisher_sha256)
     if path.is_file():
         return Tables.load(path)
     tables = compute_tables(
-        model, imatrix, group=group, allowed=allowed, imatrix_sha256=imatrix_sha256, threads=threads, progress=progress
-    )
+        model, imatrix, group=group, allowed=allowed, imatrix_sha256=imatrix_sha256, threads=threads, progress=progress,
+        fisher=fisher, tokens_per_sequence=tokens_per_sequence,
+    )  # fmt: skip
     tables.save(path)
     return tables

@@ -65,12 +65,12 @@ def test_llama_imatrix_file_is_usable_for_export(synthetic_gguf, tmp_path):
 
 
 def test_text_shorter_than_one_context(synthetic_gguf, tmp_path):
-    with pytest.raises(InputError, match=r"tiny: too short, \d+ tokens where 1 × 256 are needed"):
+    with pytest.raises(InputError, match=r"tiny: too short, \d+ tokens where 9 × 256 are needed"):
         calibrate(GGUFModel(synthetic_gguf), Text("tiny", "a few words"), CalibrationConfig(tokens=512, ctx=256))
     short = tmp_path / "short.txt"
     short.write_text("a few words only")
     r = windq("calibrate", synthetic_gguf, "--text", short, "--out", tmp_path / "cal")
-    assert_one_line_error(r, "too short", "1 × 512")
+    assert_one_line_error(r, "too short", "9 × 512")
     assert not (tmp_path / "cal").exists()
 
 

@@ -119,22 +119,26 @@ def _model_path(spec: str) -> Path:
 @click.option("--text", default="wiki", show_default=True, help=TEXT_HELP.replace("for eval", "for eval, the calibration split here"))
 @click.option("--tokens", default=16384, show_default=True, help="Calibration tokens (whole chunks of --ctx).")
 @click.option("--ctx", default=512, show_default=True, help="Tokens per chunk, each run from an empty cache.")
+@click.option("--fisher-chunks", default=2, show_default=True, help="Chunks (of the imatrix's) the Fisher information is estimated on, one backward pass each.")
+@click.option("--judge-chunks", default=8, show_default=True, help="Chunks cut after the imatrix's and kept out of it, for measuring plans' real KL.")
 @threads_option
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for imatrix.gguf, activations.npz, tokens.npy, calibration.json.")
-def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, threads: int, out: str) -> None:
-    """Run MODEL on calibration text and collect its importance matrix.
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for imatrix.gguf, fisher.npz, activations.npz, tokens.npy, judge-tokens.npy, calibration.json.")
+def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, fisher_chunks: int, judge_chunks: int, threads: int, out: str) -> None:
+    """Run MODEL on calibration text and collect its importance matrix and Fisher information.
 
     Writes OUT/imatrix.gguf in llama-imatrix's GGUF format (usable by `windq export --imatrix` and
-    by stock `llama-quantize --imatrix`), plus the activation statistics and tokens the planner uses.
+    by stock `llama-quantize --imatrix`), the Fisher marginals the planner's predictor of real loss
+    uses, the activation statistics, and the tokens: the imatrix's and the judge chunks after them.
     """
     from windq.models.gguf_model import GGUFModel
     from windq.models.sources import resolve_text
     from windq.pipeline.calibrate import CalibrationConfig, calibrate, save_calibration
 
-    if tokens < 1 or ctx < 2:
-        raise click.BadParameter("--tokens and --ctx must be positive")
+    if tokens < 1 or ctx < 2 or fisher_chunks < 1 or judge_chunks < 1:
+        raise click.BadParameter("--tokens, --ctx, --fisher-chunks and --judge-chunks must be positive")
     src = GGUFModel(_model_path(model))
-    cal = calibrate(src, resolve_text(text, "calibration"), CalibrationConfig(tokens=tokens, ctx=ctx, threads=threads or os.cpu_count() or 1), progress=_progress("calibrate"))
+    cfg = CalibrationConfig(tokens=tokens, ctx=ctx, fisher_chunks=fisher_chunks, judge_chunks=judge_chunks, threads=threads or os.cpu_count() or 1)
+    cal = calibrate(src, resolve_text(text, "calibration"), cfg, progress=_progress("calibrate"))
     save_calibration(cal, out, src.architecture)
     click.echo(
         f"calibrated {src.path.name} on {cal.meta['tokens']} tokens of {cal.meta['text']} in {cal.meta['seconds']:.1f} s: "
@@ -147,20 +151,25 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, threads: int, ou
 @click.option("--stats", required=True, type=click.Path(file_okay=False), help="Folder from `windq calibrate` (tables are cached there).")
 @click.option("--bpw", required=True, type=float, help="Budget: bits per weight over the whole file (every tensor's bytes).")
 @click.option("--method", type=click.Choice(list(METHODS)), default="knapsack", show_default=True,
-              help="knapsack: optimum of the additive proxy; ppo: MaskablePPO warm-started from it; uniform/random: baselines.")
+              help="knapsack: optimum of the --objective; ppo: MaskablePPO warm-started from it; uniform/random: baselines.")
+@click.option("--objective", type=click.Choice(["kl", "proxy"]), default="proxy", show_default=True,
+              help="kl: the Fisher-predicted KL increase; proxy: llama.cpp-style imatrix-weighted squared error.")
+@click.option("--exclude-source", is_flag=True, help="Never plan a tensor in its source type (llama.cpp copies those error-free: a gift a user quantising from F16 does not get).")
+@click.option("--verify/--no-verify", default=False, show_default=True,
+              help="Measure the plan's real KL on held-in judge tokens against the best uniform plan and every llama.cpp mix that fits; keep the best.")
 @click.option("--granularity", default="tensor", show_default=True, help="`tensor`, or `chunk:G` (G = 128, 256, 512 columns) projected to one type per tensor for export.")
 @click.option("--types", help="Comma-separated ggml types to allow (default: every legal one).")
 @click.option("--seed", default=0, show_default=True, help="Seed for ppo and random.")
 @click.option("--episodes", default=20, show_default=True, help="PPO training episodes.")
 @click.option("--policy", type=click.Path(dir_okay=False), help="Apply a policy saved by --save-policy instead of training (zero-shot transfer). Read as data: an sb3 zip or any other file is refused.")
 @click.option("--save-policy", type=click.Path(dir_okay=False), help="Where to save the PPO policy: safetensors tensors + a JSON header (POLICY.safetensors).")
-@click.option("--real-loss-tokens", default=256, show_default=True, help="Held-in tokens for PPO's episode-end KL (0: proxy only).")
+@click.option("--real-loss-tokens", default=1024, show_default=True, help="Held-in judge tokens (sequences of 256) for PPO's episode-end KL (0: none).")
 @click.option("--align", "align", type=AlignWidth("auto", "none"), default="auto", show_default=True,
               help="WIDTH (256): plan the model zero-padded to rows a multiple of WIDTH (`windq align`), so K and IQ types fit; none: as it is; "
               "auto: plan both and keep the one llama.cpp measures closer to the source on held-in calibration tokens.")
 @threads_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="plan.json to write; the allocation map goes beside it as .png.")
-def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, policy, save_policy, real_loss_tokens, align, threads, out) -> None:
+def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, granularity, types, seed, episodes, policy, save_policy, real_loss_tokens, align, threads, out) -> None:
     """Allocate a ggml type to every tensor of MODEL within a bits-per-weight budget.
 
     Needs `windq calibrate MODEL --out STATS` first. Types that cannot be written (row length,
@@ -174,12 +183,13 @@ def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, poli
     from windq.pipeline.alignment import aligned_workspace, can_align, plan_with_alignment, with_align_provenance
     from windq.pipeline.planner import PlanConfig, check_calibration_folder, run_planner
     from windq.plan import save_plan
-    from windq.pipeline.report import allocation_map, summary
+    from windq.pipeline.report import allocation_map, candidates_table, summary
 
     allowed = tuple(registry.get(t.strip()).name for t in types.split(",")) if types else None
     cfg = PlanConfig(
         bpw=bpw, method=method, granularity=granularity, types=allowed, seed=seed, episodes=episodes,
-        policy=policy, real_loss_tokens=real_loss_tokens, threads=threads or None,
+        policy=policy, real_loss_tokens=real_loss_tokens, threads=threads or None, objective=objective,
+        exclude_source=exclude_source, verify=verify,
     )  # fmt: skip
     bars = {}
 
@@ -211,6 +221,8 @@ def plan_cmd(model, stats, bpw, method, granularity, types, seed, episodes, poli
 
         write_policy(result.policy, save_policy)
     for line in summary(result.plan, result.proxy_error, result.chunk_proxy_error, result.ppo):
+        click.echo(line)
+    for line in candidates_table(result.plan):
         click.echo(line)
     click.echo(f"wrote {out} and {png}")
 

@@ -15,4 +15,6 @@ class CalibrationFiles:
     IMATRIX = "imatrix.gguf"  # llama-imatrix's GGUF format
     ACTIVATIONS = "activations.npz"  # per-column mean |x| and max |x|, keys "tensor|statistic"
     TOKENS = "tokens.npy"  # the calibration tokens, chunks × ctx
+    JUDGE_TOKENS = "judge-tokens.npy"  # held-in chunks after those, kept out of the imatrix and Fisher
+    FISHER = "fisher.npz"  # diagonal Fisher marginals, keys "tensor|rows" and "tensor|cols"
     META = "calibration.json"

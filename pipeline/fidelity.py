@@ -1,0 +1,139 @@
+"""Fidelity: does the planner's objective rank plans as the real loss does?
+
+At a budget, the optimum of the objective and `rivals` near-optimal plans (the optimum of the
+objective with each tensor's errors scaled by log-normal noise, so every rival is a plausible plan
+of the same size) are measured by the real loss, KL(reference ‖ plan) on held-in judge tokens the
+imatrix never saw. The Spearman rank correlation between the objective's sum and the measured KL
+is the figure: 1 means the knapsack's ordering of these plans is the real one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from windq.pipeline import allocate
+
+
+@dataclass(frozen=True)
+class FidelityResult:
+    bpw: float
+    objective: str
+    predicted: np.ndarray  # the objective's sum for every plan (the optimum first)
+    real: np.ndarray  # measured KL for every plan, nats per token
+    bits: np.ndarray  # achieved bits per weight of every plan
+    tokens: int  # judge tokens measured on
+
+    @property
+    def spearman(self) -> float:
+        return spearman(self.predicted, self.real)
+
+    @property
+    def optimum_rank(self) -> int:
+        """1 when the objective's optimum also has the lowest real KL of the plans measured."""
+        return int(np.sum(self.real < self.real[0])) + 1
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+
+    def ranks(x):
+        x = np.asarray(x, dtype=float)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):  # ties share their mean rank
+            tie = x == v
+            r[tie] = r[tie].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(np.sqrt((ra**2).sum() * (rb**2).sum()))
+    return float((ra * rb).sum() / den) if den > 0 else float("nan")
+
+
+def rival_plans(p: allocate.Problem, bpw: float, n: int, *, sigma: float = 0.5, seed: int = 0) -> list[np.ndarray]:
+    """The optimum and `n` distinct near-optimal rivals within the same budget."""
+    rng = np.random.default_rng(seed)
+    plans = [allocate.knapsack(p, bpw)]
+    seen = {plans[0].tobytes()}
+    tensors = sorted({u.tensor for u in p.units})
+    for _ in range(20 * n):
+        if len(plans) > n:
+            break
+        noise = dict(zip(tensors, rng.lognormal(0.0, sigma, len(tensors))))
+        units = tuple(allocate.Unit(u.tensor, u.chunk, u.types, u.nbytes, u.error * noise[u.tensor]) for u in p.units)
+        choice = allocate.knapsack(allocate.Problem(units, p.fixed_bytes, p.n_weights, p.granularity), bpw)
+        if choice.tobytes() not in seen:
+            seen.add(choice.tobytes())
+            plans.append(choice)
+    return plans
+
+
+def measure(
+    p: allocate.Problem,
+    bpw: float,
+    real_loss: Callable[[dict[str, str]], float],
+    *,
+    rivals: int = 10,
+    objective: str = "kl",
+    seed: int = 0,
+    tokens: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> FidelityResult:
+    """`real_loss` maps a tensor → type plan to its measured KL (RealLoss.kl)."""
+    plans = rival_plans(p, bpw, rivals, seed=seed)
+    real = []
+    for i, choice in enumerate(plans):
+        real.append(real_loss(allocate.tensor_types(p, choice)))
+        if progress:
+            progress(i + 1, len(plans))
+    return FidelityResult(
+        bpw=bpw,
+        objective=objective,
+        predicted=np.array([p.error_of(c) for c in plans]),
+        real=np.array(real),
+        bits=np.array([p.bpw(p.bytes_of(c)) for c in plans]),
+        tokens=tokens,
+    )
+
+
+def run(
+    model,
+    statsdir,
+    budgets: list[float],
+    *,
+    rivals: int = 10,
+    objective: str = "kl",
+    exclude_source: bool = False,
+    tokens: int = 2048,
+    seed: int = 0,
+    threads: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[FidelityResult]:
+    """Fidelity of the planner's objective at each budget, on `tokens` judge tokens."""
+    from pathlib import Path
+
+    from windq.keys import CalibrationFiles
+    from windq.pipeline.calibrate import load_judge_tokens
+    from windq.pipeline.imatrix import load_imatrix
+    from windq.pipeline.planner import PlanConfig, allowed_types, check_calibration_folder, judge_sequences, load_tables
+    from windq.pipeline.real_loss import RealLoss
+
+    statsdir = Path(statsdir)
+    check_calibration_folder(statsdir)
+    im = load_imatrix(statsdir / CalibrationFiles.IMATRIX, model)
+    bar = (lambda stage: (lambda d, t: progress(stage, d, t))) if progress else (lambda stage: None)
+    tables = load_tables(model, statsdir, im.data, im.sha256(), threads=threads, progress=bar("tables"))
+    allowed = allowed_types(model, tables, PlanConfig(bpw=0.0, exclude_source=exclude_source))
+    p = allocate.build_problem(model, tables, allowed=allowed, objective=objective)
+    for b in budgets:
+        p.check_budget(b)  # every budget refused before the torch model is built
+    judge = RealLoss(model, im.data, judge_sequences(load_judge_tokens(statsdir), tokens))
+    return [
+        measure(p, b, judge.kl, rivals=rivals, objective=objective, seed=seed, tokens=judge.n_tokens, progress=bar(f"{b:g} bits"))
+        for b in budgets
+    ]

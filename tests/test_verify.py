@@ -1,0 +1,56 @@
+"""The predictor's inputs, the verified choice and the fidelity figure, on the synthetic model."""
+
+import numpy as np
+import pytest
+
+from windq.errors import InputError
+from windq.models.gguf_model import GGUFModel
+from windq.pipeline import fidelity
+from windq.pipeline.calibrate import load_fisher, load_judge_tokens, load_tokens
+from windq.pipeline.planner import PlanConfig, run_planner
+from windq.sizes import parse_size
+
+
+def test_sizes_take_decimal_and_binary_units():
+    assert parse_size("60MB") == 60_000_000
+    assert parse_size("1.5 GiB") == 3 * 2**29
+    assert parse_size("800kb") == 800_000
+    assert parse_size("512B") == 512
+    for bad in ("60", "60 MiBs", "MB", "-1MB", "0MB"):
+        with pytest.raises(InputError):
+            parse_size(bad)
+
+
+def test_spearman_is_rank_correlation():
+    assert fidelity.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert fidelity.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert fidelity.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+
+
+def test_judge_chunks_are_not_the_imatrix_tokens(synthetic_stats):
+    judge, tokens = load_judge_tokens(synthetic_stats), load_tokens(synthetic_stats)
+    assert len(judge) == 8 and judge.shape[1] == tokens.shape[1]
+    assert not any((j == t).all() for j in judge for t in tokens)
+
+
+def test_fisher_covers_every_planned_tensor_in_gguf_orientation(synthetic_gguf, synthetic_stats):
+    m = GGUFModel(synthetic_gguf)
+    fisher = load_fisher(synthetic_stats)
+    for t in m.quantizable():
+        f = fisher[t.name]
+        assert f.cols.shape == (t.n_per_row,) and f.rows.shape == (t.n_elements // t.n_per_row,)
+        assert (f.rows >= 0).all() and f.rows.sum() > 0
+        assert f.rows.sum() == pytest.approx(f.cols.sum(), rel=1e-3)  # both are the Fisher's total
+
+
+@pytest.mark.slow
+def test_verified_plan_is_the_best_measured_candidate_within_budget(synthetic_gguf, synthetic_stats):
+    m = GGUFModel(synthetic_gguf)
+    r = run_planner(m, synthetic_stats, PlanConfig(bpw=5.0, objective="kl", verify=True, verify_tokens=512))
+    v = r.plan.provenance["verified"]
+    kls = [c["kl"] for c in v["candidates"]]
+    assert kls == sorted(kls) and v["chosen"] == v["candidates"][0]["label"]
+    labels = " ".join(c["label"] for c in v["candidates"])
+    assert "windq knapsack" in labels and "uniform" in labels and "llama.cpp" in labels
+    assert all(c["bpw"] <= 5.0 + 1e-9 for c in v["candidates"])
+    assert r.plan.achieved_bpw <= 5.0 + 1e-9
