@@ -13,7 +13,7 @@ from windq.models.gguf_model import GGUFModel
 from windq.models.sources import Text
 from windq.models.synthetic import SyntheticConfig, write_synthetic_gguf
 from windq.pipeline.alignment import aligned_workspace, can_align, plan_with_alignment
-from windq.pipeline.calibrate import CalibrationConfig, calibrate, load_tokens, save_calibration
+from windq.pipeline.calibrate import CalibrationConfig, calibrate, load_judge_tokens, load_tokens, save_calibration
 from windq.pipeline.imatrix import read_imatrix
 from windq.pipeline.planner import PlanConfig
 
@@ -78,7 +78,7 @@ def test_choice_is_the_lower_measured_kld_and_export_reproduces_it(near_calibrat
     out = tmp_path / "chosen.gguf"
     r = windq("export", str(src.path), "--plan", str(plan_path), "--gguf", str(out), "--imatrix", str(stats / "imatrix.gguf"), "--threads", "2")
     assert r.returncode == 0, r.stderr
-    [again] = evaluate_chunks([out], load_tokens(stats)[:4], ref_path=src.path, threads=2)
+    [again] = evaluate_chunks([out], load_judge_tokens(stats)[:4], ref_path=src.path, threads=2)
     assert again.kld == best.kld
 
 

@@ -94,6 +94,6 @@ def test_calibrate_cli_writes_the_folder(synthetic_gguf, tmp_path):
     r = windq("calibrate", synthetic_gguf, "--text", text, "--tokens", "512", "--ctx", "128", "--out", tmp_path / "cal")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "cal").iterdir()) == [
-        "activations.npz", "calibration.json", "imatrix.gguf", "tokens.npy",
+        "activations.npz", "calibration.json", "fisher.npz", "imatrix.gguf", "judge-tokens.npy", "tokens.npy",
     ]  # fmt: skip
     assert read_imatrix(tmp_path / "cal" / "imatrix.gguf").counts["blk.0.attn_q.weight"] == 512
