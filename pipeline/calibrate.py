@@ -179,15 +179,19 @@ def tensor_params(model: GGUFModel, torch_model) -> dict[str, list]:
     return out
 
 
-def hf_row_order(model: GGUFModel, torch_model, tensor: str, rows: int) -> np.ndarray:
-    """[k]: the GGUF row that HF's row k of `tensor` is. transformers undoes llama.cpp's rotary
-    permutation of Q and K when it loads a GGUF; every other tensor keeps its row order."""
+def rope_processor(torch_model):
+    """transformers' processor that undoes llama.cpp's rotary permutation of Q and K rows, as
+    transformers applies it when it loads a GGUF (`.process(weights, name).weights`)."""
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     cfg = torch_model.config
-    proc = LlamaTensorProcessor(config={"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads})
+    return LlamaTensorProcessor(config={"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads})
+
+
+def hf_row_order(processor, tensor: str, rows: int) -> np.ndarray:
+    """[k]: the GGUF row that HF's row k of `tensor` is (only Q and K are permuted)."""
     index = np.arange(rows, dtype=np.float32)[:, None]
-    return np.asarray(proc.process(index, tensor).weights).reshape(rows).astype(np.int64)
+    return np.asarray(processor.process(index, tensor).weights).reshape(rows).astype(np.int64)
 
 
 @dataclass
@@ -237,8 +241,9 @@ def fisher_marginals(
         for p in torch_model.parameters():
             p.requires_grad_(False)
     out = {}
+    proc = rope_processor(torch_model)
     for t, (r, c) in sums.items():
-        order = hf_row_order(model, torch_model, t, len(r))
+        order = hf_row_order(proc, t, len(r))
         rows = np.empty_like(r)
         rows[order] = r
         out[t] = FisherStats(rows=(rows / n).astype(np.float32), cols=(c / n).astype(np.float32))

@@ -109,8 +109,6 @@ def _ppo(job: Job) -> Allocation:
     real = None
     scale = 1.0
     if cfg.real_loss_tokens > 0:
-        from windq.pipeline.real_loss import RealLoss
-
         loss = job.judge()
         # the real loss is judged on the exported plan: chunk choices are projected first
         if prob.granularity == "tensor":
@@ -241,20 +239,18 @@ def run_planner(
     if cfg.verify:
         from windq.pipeline import verify
 
-        own = [verify.Candidate(f"windq {cfg.method}", types, tp.bytes_of(tchoice), tp.bpw(tp.bytes_of(tchoice)), predicted=tp.error_of(tchoice))]
+        own = [verify.from_choice(f"windq {cfg.method}", tp, tchoice)]
         if cfg.method == "ppo":
-            k = allocate.knapsack(tp, cfg.bpw)
-            own.append(verify.Candidate("windq knapsack", allocate.tensor_types(tp, k), tp.bytes_of(k), tp.bpw(tp.bytes_of(k)), predicted=tp.error_of(k)))
+            own.append(verify.from_choice("windq knapsack", tp, allocate.knapsack(tp, cfg.bpw)))
         try:
             u = allocate.uniform(tp, cfg.bpw)
-            t = tp.units[0].types[u[0]]
-            own.append(verify.Candidate(f"uniform {t}", allocate.tensor_types(tp, u), tp.bytes_of(u), tp.bpw(tp.bytes_of(u)), predicted=tp.error_of(u)))
+            own.append(verify.from_choice(f"uniform {tp.units[0].types[u[0]]}", tp, u))
         except BudgetError:
             pass  # no single type fits: nothing to compare with
         stock = verify.stock_candidates(
             model, set(types), budget, tp.fixed_bytes, tp.n_weights, data, im.sha256(), statsdir, allowed=allowed, progress=bar("mixes")
         )
-        stock = [dataclasses.replace(c, predicted=_predicted(tp, c.types)) for c in stock]
+        stock = [dataclasses.replace(c, predicted=verify.predicted(tp, c.types)) for c in stock]
         candidates = verify.measure(verify.unique(own + stock), judge().kl, progress=bar("verify"))
         best = candidates[0]
         verify.check_fits(best, budget)
@@ -281,16 +277,6 @@ def run_planner(
         }  # fmt: skip
     plan = make_plan(model, types, method=cfg.method, budget_bpw=cfg.bpw, granularity=cfg.granularity, provenance=prov)
     return PlannerResult(plan, tp, tchoice, prov["predicted_error"], chunk_error, ppo_result, policy, candidates)
-
-
-def _predicted(p: allocate.Problem, types: dict[str, str]) -> float | None:
-    """The objective's sum for a tensor plan, or None where it uses a type the problem lacks."""
-    total = 0.0
-    for u in p.units:
-        if types[u.tensor] not in u.types:
-            return None
-        total += float(u.error[u.types.index(types[u.tensor])])
-    return total
 
 
 def allowed_types(model: GGUFModel, tables: Tables, cfg: PlanConfig) -> tuple[str, ...] | None:

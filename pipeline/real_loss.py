@@ -15,23 +15,18 @@ import numpy as np
 
 from windq import ggml, registry
 from windq.models.gguf_model import GGUFModel
-from windq.pipeline.calibrate import load_torch_model, tensor_params
+from windq.pipeline.calibrate import load_torch_model, rope_processor, tensor_params
 
 
 class RealLoss:
     def __init__(self, model: GGUFModel, imatrix: Mapping[str, np.ndarray] | None, tokens: np.ndarray):
         import torch
-        from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
         self.model = model
         self.imatrix = dict(imatrix or {})
         self.tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64).reshape(-1, tokens.shape[-1]))
         self.tm = load_torch_model(model)
-        cfg = self.tm.config
-        # transformers undoes llama.cpp's rotary permutation of Q and K when it loads a GGUF
-        self._permute = LlamaTensorProcessor(
-            config={"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads}
-        )
+        self._permute = rope_processor(self.tm)
         self.params = tensor_params(model, self.tm)
         self._bytes: dict[tuple[str, str], np.ndarray] = {}
         self.ref_logp = self._logp()

@@ -25,9 +25,11 @@ from windq import registry
 from windq.errors import BudgetError
 from windq.files import atomic_write_text
 from windq.models.gguf_model import GGUFModel
+from windq.pipeline import allocate
 
-# llama.cpp's mixes a plan is verified against (the bench's set, minus those that cannot fit a
-# budget under 8 bits... all kept: the budget decides which fit)
+# llama.cpp's mixes a plan is verified against: every K, IQ and legacy mix llama-quantize offers
+# from 2 to 8.5 bits (the bench's STOCK_MIXES is a subset, chosen for plot readability); the budget
+# decides which of them fit
 STOCK_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
                "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_S", "IQ3_M", "IQ4_XS", "IQ4_NL", "Q4_0", "Q5_0", "Q8_0")  # fmt: skip
 
@@ -45,6 +47,19 @@ class Candidate:
         d = asdict(self)
         d.pop("types")
         return d
+
+
+def from_choice(label: str, p: "allocate.Problem", choice: np.ndarray) -> Candidate:
+    """A candidate for one of the planner's own choices on the tensor problem `p`."""
+    nbytes = p.bytes_of(choice)
+    return Candidate(label, allocate.tensor_types(p, choice), nbytes, p.bpw(nbytes), predicted=p.error_of(choice))
+
+
+def predicted(p: "allocate.Problem", types: Mapping[str, str]) -> float | None:
+    """The objective's sum for a tensor plan, or None where it uses a type the problem lacks."""
+    if any(types[u.tensor] not in u.types for u in p.units):
+        return None
+    return p.error_of(np.array([u.types.index(types[u.tensor]) for u in p.units]))
 
 
 def mix_types(model: GGUFModel, mix: str, imatrix: Mapping[str, np.ndarray], cache: Path, imatrix_sha256: str) -> dict[str, str]:

@@ -1,6 +1,5 @@
 """The predictor's inputs, the verified choice and the fidelity figure, on the synthetic model."""
 
-import numpy as np
 import pytest
 
 from windq.errors import InputError
