@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from windq.errors import BudgetError, UnsupportedModelError
+from windq.errors import BudgetError, InputError, UnsupportedModelError
 from windq.export.quantize import export_gguf
 from windq.export.scoring import evaluate_chunks
 from windq.models.align import aligned_geometry, align_gguf, geometry
@@ -129,3 +129,34 @@ def with_align_provenance(plan: Plan, source: GGUFModel, to: int = 256) -> Plan:
     """A plan for the aligned model, recording how `windq export` remakes that model from `source`."""
     prov = {**plan.provenance, "align": {"to": to, "source_sha256": source.sha256, "source_name": source.path.name}}
     return dataclasses.replace(plan, provenance=prov)
+
+
+@dataclass
+class Planned:
+    """What `windq plan` (and `windq quantize`) made: the result, the model it is for (the source
+    or its aligned twin) with that model's calibration folder, and the alignment candidates
+    measured when both were planned."""
+
+    result: PlannerResult
+    model: GGUFModel
+    statsdir: Path
+    alignment: list[Candidate]
+
+
+def plan_model(
+    model: GGUFModel, statsdir: str | Path, cfg: PlanConfig, align: str | int = "auto", progress: Callable[[str, int, int], None] | None = None
+) -> Planned:
+    """Plan `model` as it is (`none`), aligned to a width, or both and keep the better (`auto`;
+    only where alignment changes something)."""
+    statsdir = Path(statsdir)
+    if align == "none" or (align == "auto" and not can_align(model)):
+        return Planned(run_planner(model, statsdir, cfg, progress), model, statsdir, [])
+    if isinstance(align, int):
+        aligned, work = aligned_workspace(model, statsdir, align)
+        result = run_planner(aligned, work, cfg, progress)
+        result.plan = with_align_provenance(result.plan, model, align)
+        return Planned(result, aligned, work, [])
+    if align != "auto":
+        raise InputError(f"--align {align}: use auto, none or a width such as 256")
+    result, chosen, candidates = plan_with_alignment(model, statsdir, cfg, progress=progress)
+    return Planned(result, chosen, statsdir / "aligned-256" if chosen is not model else statsdir, candidates)

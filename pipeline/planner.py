@@ -37,6 +37,7 @@ class PlanConfig:
     exclude_source: bool = False  # never plan a tensor in its source type (llama.cpp would copy it, error-free)
     verify: bool = False  # measure the plan against the best uniform plan and llama.cpp's mixes; keep the best
     verify_tokens: int = 2048  # judge tokens the verification measures on (8 sequences of 256)
+    verify_mixes: tuple[str, ...] | None = None  # llama.cpp mixes the verification tries (None: verify.STOCK_MIXES)
 
     @property
     def group(self) -> int | None:
@@ -248,7 +249,8 @@ def run_planner(
         except BudgetError:
             pass  # no single type fits: nothing to compare with
         stock = verify.stock_candidates(
-            model, set(types), budget, tp.fixed_bytes, tp.n_weights, data, im.sha256(), statsdir, allowed=allowed, progress=bar("mixes")
+            model, set(types), budget, tp.fixed_bytes, tp.n_weights, data, im.sha256(), statsdir, allowed=allowed,
+            mixes=cfg.verify_mixes or verify.STOCK_MIXES, progress=bar("mixes"),
         )
         stock = [dataclasses.replace(c, predicted=verify.predicted(tp, c.types)) for c in stock]
         candidates = verify.measure(verify.unique(own + stock), judge().kl, progress=bar("verify"))

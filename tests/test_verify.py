@@ -53,3 +53,20 @@ def test_verified_plan_is_the_best_measured_candidate_within_budget(synthetic_gg
     assert "windq knapsack" in labels and "uniform" in labels and "llama.cpp" in labels
     assert all(c["bpw"] <= 5.0 + 1e-9 for c in v["candidates"])
     assert r.plan.achieved_bpw <= 5.0 + 1e-9
+
+
+def test_fidelity_command_measures_the_optimum_and_its_rivals(synthetic_gguf, synthetic_stats):
+    import json
+
+    from tests.helpers import assert_one_line_error, windq
+
+    r = windq("fidelity", synthetic_gguf, "--stats", synthetic_stats, "--bpw", "4.5,5.0", "--objective", "kl", "--rivals", "3", "--tokens", "256", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [(row["bpw"], row["objective"]) for row in rows] == [(4.5, "kl"), (5.0, "kl")]
+    for row in rows:
+        assert row["plans"] == len(row["real_kl"]) == len(row["predicted"]) == 4  # the optimum and 3 rivals
+        assert min(row["real_kl"]) >= 0 and -1 <= row["spearman"] <= 1 and 1 <= row["optimum_rank"] <= 4
+        assert row["predicted"][0] == min(row["predicted"])  # the first plan is the objective's optimum
+        assert max(row["bits"]) <= row["bpw"] + 1e-9
+    assert_one_line_error(windq("fidelity", synthetic_gguf, "--stats", synthetic_stats, "--bpw", "5", "--objective", "mse"), "mse")

@@ -180,8 +180,8 @@ def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, granu
     """
     from windq import registry
     from windq.models.gguf_model import GGUFModel
-    from windq.pipeline.alignment import aligned_workspace, can_align, plan_with_alignment, with_align_provenance
-    from windq.pipeline.planner import PlanConfig, check_calibration_folder, run_planner
+    from windq.pipeline.alignment import plan_model
+    from windq.pipeline.planner import PlanConfig, check_calibration_folder
     from windq.plan import save_plan
     from windq.pipeline.report import allocation_map, candidates_table, summary
 
@@ -197,23 +197,9 @@ def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, granu
         bars.setdefault(stage, _progress(stage, unit={"tables": "job", "ppo": "step"}.get(stage, "chunk")))(done, total)
 
     check_calibration_folder(stats)  # a wrong --stats fails at once, before the model is parsed
-    src = GGUFModel(_model_path(model))
-    if align == "none" or (align == "auto" and not can_align(src)):
-        result = run_planner(src, stats, cfg, progress)
-    elif isinstance(align, int):
-        aligned, work = aligned_workspace(src, stats, align)
-        result = run_planner(aligned, work, cfg, progress)
-        result.plan = with_align_provenance(result.plan, src, align)
-    else:
-        result, _, candidates = plan_with_alignment(src, stats, cfg, progress=progress)
-        for c in candidates:
-            label = "aligned to 256" if c.align else "as it is"
-            if c.unreachable:
-                click.echo(f"{label}: {c.unreachable}")
-            else:
-                kld = "" if c.kld is None else f", held-in KLD {c.kld:.5f}"
-                click.echo(f"{label}: {c.achieved_bpw:.3f} bits per real weight{kld}")
-        click.echo(f"chosen: {'aligned to 256' if result.plan.provenance.get('align') else 'as it is'}")
+    planned = plan_model(GGUFModel(_model_path(model)), stats, cfg, align, progress)
+    result = planned.result
+    _echo_alignment(planned)
     save_plan(result.plan, out)
     png = allocation_map(result.plan, Path(out).with_suffix(".png"))
     if save_policy and result.policy is not None:
@@ -225,6 +211,161 @@ def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, granu
     for line in candidates_table(result.plan):
         click.echo(line)
     click.echo(f"wrote {out} and {png}")
+
+
+def _echo_alignment(planned) -> None:
+    """The two alignment candidates `--align auto` measured, and which was kept."""
+    if not planned.alignment:
+        return
+    for c in planned.alignment:
+        label = "aligned to 256" if c.align else "as it is"
+        if c.unreachable:
+            click.echo(f"{label}: {c.unreachable}")
+        else:
+            kld = "" if c.kld is None else f", held-in KLD {c.kld:.5f}"
+            click.echo(f"{label}: {c.achieved_bpw:.3f} bits per real weight{kld}")
+    click.echo(f"chosen: {'aligned to 256' if planned.result.plan.provenance.get('align') else 'as it is'}")
+
+
+@main.command("fidelity", epilog=EPILOG_MODEL)
+@click.argument("model")
+@click.option("--stats", required=True, type=click.Path(file_okay=False), help="Folder from `windq calibrate` (its judge chunks are the held-in tokens measured on).")
+@click.option("--bpw", "budgets", required=True, help="Comma-separated bits-per-weight budgets, e.g. 4.6,5.0,5.5.")
+@click.option("--objective", "objectives", default="kl,proxy", show_default=True, help="Comma-separated objectives to judge (kl, proxy).")
+@click.option("--rivals", default=10, show_default=True, help="Near-optimal rival plans per budget (the objective's optimum with each tensor's errors scaled by log-normal noise).")
+@click.option("--tokens", default=2048, show_default=True, help="Held-in judge tokens (sequences of 256) each plan's real KL is measured on.")
+@click.option("--exclude-source", is_flag=True, help="Plan without the source type, as for a model quantised from F16.")
+@click.option("--align", "align", type=AlignWidth("none"), default="none", show_default=True, help="none, or WIDTH: judge the plans of the model aligned to WIDTH.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the rivals' noise.")
+@threads_option
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def fidelity_cmd(model, stats, budgets, objectives, rivals, tokens, exclude_source, align, seed, threads, as_json) -> None:
+    """Does the planner's objective rank plans as the real loss does?
+
+    At each budget, the objective's optimum and RIVALS near-optimal plans of the same size are
+    measured by their real KL(reference ‖ plan) on held-in judge tokens. Prints the Spearman rank
+    correlation between the objective and the real KL (1: the knapsack orders these plans as the
+    model does) and where the optimum ranks among them (1: it is also the real best).
+    """
+    from windq.errors import InputError
+    from windq.models.gguf_model import GGUFModel
+    from windq.pipeline import fidelity
+    from windq.pipeline.alignment import aligned_workspace
+    from windq.pipeline.planner import check_calibration_folder
+
+    try:
+        bpws = [float(b) for b in budgets.split(",")]
+    except ValueError:
+        raise InputError(f"--bpw {budgets}: comma-separated numbers, e.g. 4.6,5.0") from None
+    objs = [o.strip() for o in objectives.split(",")]
+    for o in objs:
+        if o not in ("kl", "proxy"):
+            raise InputError(f"--objective {o}: use kl or proxy")
+    if rivals < 2 or tokens < 256:
+        raise InputError("--rivals must be at least 2 and --tokens at least 256")
+    check_calibration_folder(stats)
+    src = GGUFModel(_model_path(model))
+    if align != "none":
+        src, stats = aligned_workspace(src, stats, align)
+    bars = {}
+
+    def progress(stage, done, total):
+        bars.setdefault(stage, _progress(stage, unit={"tables": "job"}.get(stage, "plan")))(done, total)
+
+    rows = []
+    for o in objs:
+        for r in fidelity.run(src, stats, bpws, rivals=rivals, objective=o, exclude_source=exclude_source, tokens=tokens, seed=seed,
+                              threads=threads or None, progress=lambda st, d, t, o=o: progress(f"{o} {st}", d, t)):  # fmt: skip
+            rows.append(r)
+    if as_json:
+        click.echo(json.dumps([{
+            "bpw": r.bpw, "objective": r.objective, "spearman": r.spearman, "optimum_rank": r.optimum_rank, "plans": len(r.real),
+            "tokens": r.tokens, "real_kl": r.real.tolist(), "predicted": r.predicted.tolist(), "bits": r.bits.tolist(),
+        } for r in rows], indent=2))  # fmt: skip
+        return
+    click.echo(f"{'bpw':>5}  {'objective':9}  {'spearman':>8}  {'optimum rank':>12}  {'optimum KL':>10}  {'best KL':>9}  plans  tokens")
+    for r in rows:
+        click.echo(f"{r.bpw:5.2f}  {r.objective:9}  {r.spearman:8.3f}  {r.optimum_rank:>6} of {len(r.real):<3}  {r.real[0]:10.5f}  {r.real.min():9.5f}  {len(r.real):5}  {r.tokens:6}")
+
+
+@main.command("quantize", epilog=EPILOG_MODEL)
+@click.argument("model")
+@click.option("--size", help="Budget for the whole file, metadata included: 60MB, 57.5MiB, 1.2GB (B, KB, MB, GB, KiB, MiB, GiB).")
+@click.option("--bpw", type=float, help="Budget as bits per weight over every tensor's bytes (instead of --size).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="GGUF file to write; nothing appears there unless it fits and checks.")
+@click.option("--text", default="wiki", show_default=True, help=TEXT_HELP.replace("for eval", "for eval, the calibration split here"))
+@click.option("--tokens", default=16384, show_default=True, help="Calibration tokens (as `windq calibrate --tokens`).")
+@click.option("--stats", type=click.Path(file_okay=False), help="Use this folder from `windq calibrate` instead of the cache.")
+@click.option("--cache", type=click.Path(file_okay=False), help="Where calibrations are kept, keyed by model, text and settings (default: ~/.cache/windq/calibrations).")
+@click.option("--method", type=click.Choice(list(METHODS)), default="knapsack", show_default=True, help="As `windq plan --method`.")
+@click.option("--objective", type=click.Choice(["kl", "proxy"]), default="proxy", show_default=True, help="As `windq plan --objective`.")
+@click.option("--types", help="Comma-separated ggml types to allow (default: every legal one).")
+@click.option("--exclude-source", is_flag=True, help="Never plan a tensor in its source type.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Measure the plan against the best uniform plan and llama.cpp's mixes on held-in tokens; keep the best.")
+@click.option("--verify-mixes", help="Comma-separated llama.cpp mixes to verify against (default: all 21 from Q2_K to Q8_0).")
+@click.option("--verify-tokens", default=2048, show_default=True, help="Held-in judge tokens the verification measures on.")
+@click.option("--align", "align", type=AlignWidth("auto", "none"), default="auto", show_default=True, help="As `windq plan --align`.")
+@click.option("--save-plan", type=click.Path(dir_okay=False), help="Also write the plan.json.")
+@click.option("--seed", default=0, show_default=True, help="Seed for ppo.")
+@threads_option
+def quantize_cmd(model, size, bpw, out, text, tokens, stats, cache, method, objective, types, exclude_source, verify, verify_mixes,
+                 verify_tokens, align, save_plan, seed, threads) -> None:  # fmt: skip
+    """Quantize MODEL to fit a size: calibrate, plan, verify, export and check, in one command.
+
+    \b
+      windq quantize default --size 60MB -o smollm2-60mb.gguf
+      windq quantize model.gguf --bpw 4.5 -o model-4.5.gguf --exclude-source
+
+    The calibration is cached (by the model's and the text's sha256 and the settings), so a second
+    budget for the same model starts at the plan. --size counts the whole file; if llama.cpp's
+    file comes out over it, the plan is made again with the excess taken off.
+    """
+    from windq import registry
+    from windq.models.gguf_model import GGUFModel
+    from windq.models.sources import resolve_text
+    from windq.pipeline.calibrate import CalibrationConfig
+    from windq.pipeline.planner import PlanConfig
+    from windq.pipeline.quantize import Budget, quantize
+    from windq.pipeline.report import candidates_table, summary
+    from windq.plan import save_plan as write_plan
+    from windq.sizes import format_size, parse_size
+
+    budget = Budget(size=parse_size(size) if size else None, bpw=bpw)
+    if stats:
+        from windq.pipeline.planner import check_calibration_folder
+
+        check_calibration_folder(stats)
+    allowed = tuple(registry.get(t.strip()).name for t in types.split(",")) if types else None
+    mixes = tuple(m.strip().upper() for m in verify_mixes.split(",")) if verify_mixes else None
+    cfg = PlanConfig(
+        bpw=0.0, method=method, types=allowed, seed=seed, threads=threads or None, objective=objective,
+        exclude_source=exclude_source, verify=verify, verify_tokens=verify_tokens, verify_mixes=mixes,
+    )  # fmt: skip
+    bars = {}
+
+    def progress(stage, done, total):
+        bars.setdefault(stage, _progress(stage, unit={"tables": "job", "ppo": "step", "mixes": "mix", "verify": "plan"}.get(stage, "chunk")))(done, total)
+
+    src = GGUFModel(_model_path(model))
+    r = quantize(
+        src, resolve_text(text, "calibration"), out, budget, cfg, calibration=CalibrationConfig(tokens=tokens, threads=threads or os.cpu_count() or 1),
+        statsdir=stats, cache=cache, align=align, progress=progress,
+    )  # fmt: skip
+    click.echo(f"calibration: {r.statsdir} ({'made now' if r.calibrated else 'cached'})")
+    _echo_alignment(r.planned)
+    for line in summary(r.plan, r.planned.result.proxy_error, None, r.planned.result.ppo):
+        click.echo(line)
+    for line in candidates_table(r.plan):
+        click.echo(line)
+    if save_plan:
+        write_plan(r.plan, save_plan)
+    limit = f" (limit {format_size(budget.size)}, {r.attempts} plan{'s' if r.attempts > 1 else ''})" if budget.size else ""
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items())
+    click.echo(
+        f"wrote {r.path}: {format_size(r.export.file_bytes)} = {r.export.file_bytes:,} bytes{limit}, "
+        f"{r.export.bits_per_weight:.3f} bits per weight; {stages}"
+    )
 
 
 @main.command("align", epilog=EPILOG_MODEL)
