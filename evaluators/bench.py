@@ -42,15 +42,43 @@ class BenchConfig:
     calib_tokens: int = 16384
     chunks: int = 128  # 512-token chunks: 128 × 255 scored = 32,640 tokens
     ppo_episodes: int = 20
+    objective: str = "kl"  # what windq's plans minimise (PlanConfig.objective)
     speed_tokens: int = 64
     speed_rounds: int = 3
     threads: int = 2
 
 
+# a bench method is `NAME[@GRANULARITY][+verify][+exclude]`: +verify is `windq plan --verify` (the
+# chosen plan: the lowest held-in KL of the planner's own, the best uniform and every stock mix that
+# fits), +exclude is `--exclude-source` (the source type, Q4_1 on the default, never planned)
+METHOD_MODIFIERS = ("verify", "exclude")
+
+
+def parse_method(method: str) -> tuple[str, str, tuple[str, ...]]:
+    """(allocator, granularity, modifiers) of a bench method such as `knapsack+verify+exclude`."""
+    from windq.errors import InputError
+    from windq.pipeline.planner import METHODS
+
+    base, *mods = method.split("+")
+    name, _, gran = base.partition("@")
+    if name not in METHODS or any(m not in METHOD_MODIFIERS for m in mods):
+        raise InputError(f"bench method {method!r}: NAME[@chunk:G][+verify][+exclude], NAME one of {', '.join(METHODS)}")
+    return name, gran or "tensor", tuple(mods)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both size and loss, by size."""
+    out: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not out or y < out[-1][1]:
+            out.append((x, y))
+    return out
+
+
 def quick_config(model: str = "default") -> BenchConfig:
     """A CI-sized run: one budget, two mixes, few chunks."""
     return BenchConfig(
-        model=model, budgets=(5.0,), methods=("uniform", "knapsack", "ppo"), mixes=("Q8_0", "Q4_K_M"),
+        model=model, budgets=(5.0,), methods=("uniform", "knapsack", "ppo", "knapsack+verify+exclude"), mixes=("Q8_0", "Q4_K_M"),
         variants=("unaligned", "aligned"), calib_tokens=1024, chunks=2, ppo_episodes=1, speed_tokens=8,
     )  # fmt: skip
 
@@ -68,6 +96,8 @@ class Built:
     bpw: float = float("nan")  # bits per real weight
     seconds: dict = field(default_factory=dict)
     unreachable: bool = False  # the planner refused the budget
+    chosen: str = ""  # +verify: the candidate kept ("windq knapsack", "uniform IQ4_NL", "llama.cpp Q3_K_M", …)
+    held_in: list = field(default_factory=list)  # +verify: every candidate's row (label, bpw, held-in KL)
 
 
 @dataclass
@@ -84,6 +114,8 @@ class Row:
     n_scored: int
     seconds: dict = field(default_factory=dict)
     ppl_stderr: float = float("nan")
+    chosen: str = ""
+    held_in: list = field(default_factory=list)
 
 
 class Timer:
@@ -250,6 +282,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
     from windq.models.sources import resolve_model, resolve_text
     from windq.models.tokenizer import token_chunks
 
+    for method in cfg.methods:
+        parse_method(method)  # a bad method is refused before anything is built
     say = progress or (lambda _msg: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -286,7 +320,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
         r = summarize(b.file, c.scores(n), ctx=ctx, text_name=text.name, ref=src.path)
         secs = c.seconds(n)
         seconds = {**b.seconds, "eval": sum(secs.values()), "decode": secs["decode_s"]}
-        rows.append(Row(b.variant, b.method, b.budget, b.size_mb, b.bpw, r.ppl, r.kld, r.top1, speeds[b.sha256], r.n_scored, seconds, r.ppl_stderr))
+        rows.append(Row(b.variant, b.method, b.budget, b.size_mb, b.bpw, r.ppl, r.kld, r.top1, speeds[b.sha256], r.n_scored, seconds,
+                        r.ppl_stderr, b.chosen, b.held_in))  # fmt: skip
     return _report(cfg, out, rows, timer)
 
 
@@ -301,8 +336,7 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
     from windq.models.sources import resolve_text
     from windq.pipeline.calibrate import CalibrationConfig, calibrate, pad_calibration, save_calibration
     from windq.pipeline.imatrix import load_imatrix
-    from windq.pipeline.planner import PlanConfig, run_planner
-    from windq.pipeline.sensitivity import cache_path, load_or_compute
+    from windq.pipeline.planner import PlanConfig, load_tables, run_planner, tables_path
 
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "gguf").mkdir(exist_ok=True)
@@ -341,9 +375,9 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
         m = models[variant]
         im = load_imatrix(stats[variant] / CalibrationFiles.IMATRIX, m)
         base = f"{m.sha256}|{im.sha256()}"
-        if cfg.budgets and cfg.methods and not cache_path(m, im.sha256(), stats[variant]).is_file():
+        if cfg.budgets and cfg.methods and not tables_path(m, stats[variant], im.sha256()).is_file():
             say(f"sensitivity tables {variant}")
-            timer(f"tables ({variant})", load_or_compute, m, im.data, stats[variant], imatrix_sha256=im.sha256(), threads=cfg.threads)
+            timer(f"tables ({variant})", load_tables, m, stats[variant], im.data, im.sha256(), threads=cfg.threads)
         for mix in cfg.mixes:
             def stock(mix=mix, m=m, im=im, variant=variant) -> Built:
                 say(f"quantize {variant} {mix}")
@@ -355,13 +389,14 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
             built.append(cached(f"{base}|stock|{mix}", stock))
         for budget in cfg.budgets:
             for method in cfg.methods:
-                name, _, gran = method.partition("@")
-                def plan_and_export(name=name, gran=gran or "tensor", budget=budget, m=m, im=im, variant=variant, method=method) -> Built:
+                name, gran, mods = parse_method(method)
+                def plan_and_export(name=name, gran=gran, mods=mods, budget=budget, m=m, im=im, variant=variant, method=method) -> Built:
                     say(f"plan {variant} {method} {budget}")
                     t0 = time.perf_counter()
                     try:
                         res = run_planner(m, stats[variant], PlanConfig(
-                            bpw=budget, method=name, granularity=gran, episodes=cfg.ppo_episodes, threads=cfg.threads))  # fmt: skip
+                            bpw=budget, method=name, granularity=gran, episodes=cfg.ppo_episodes, threads=cfg.threads,
+                            objective=cfg.objective, verify="verify" in mods, exclude_source="exclude" in mods))  # fmt: skip
                     except BudgetError:
                         return Built(variant, method, budget, unreachable=True)
                     plan_s = time.perf_counter() - t0
@@ -374,9 +409,12 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
                         t0 = time.perf_counter()
                         quantize_bare(m, res.plan, Path(tmp) / "bare.gguf", imatrix=im.data)
                         bare_s = time.perf_counter() - t0
-                    return finish(Built(variant, method, budget, seconds={"plan": plan_s, "export": export_s, "bare_quantize": bare_s}), path)
+                    verified = res.plan.provenance.get("verified") or {}
+                    b = Built(variant, method, budget, seconds={"plan": plan_s, "export": export_s, "bare_quantize": bare_s},
+                              chosen=verified.get("chosen", ""), held_in=verified.get("candidates", []))  # fmt: skip
+                    return finish(b, path)
 
-                built.append(cached(f"{base}|{method}|{budget}|{cfg.ppo_episodes}", plan_and_export))
+                built.append(cached(f"{base}|{method}|{budget}|{cfg.ppo_episodes}|{cfg.objective}", plan_and_export))
     return built
 
 
@@ -401,12 +439,21 @@ def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer) -> dict:
     ]
     for r in sorted(ok, key=lambda r: (r.variant, r.bpw)):
         lines.append(
-            f"| {r.variant} | {r.method} | {'—' if r.budget is None else f'{r.budget:g}'} | {r.size_mb:.2f} | {r.bpw:.3f} "
+            f"| {r.variant} | {r.method}{f' → {r.chosen}' if r.chosen else ''} | {'—' if r.budget is None else f'{r.budget:g}'} | {r.size_mb:.2f} | {r.bpw:.3f} "
             f"| {r.ppl:.3f} ± {r.ppl_stderr:.2f} | {r.kld:.4f} | {100 * r.top1:.1f} % | {r.gen_tok_s:.1f} |"
         )
     unreachable = [f"{r.variant} {r.method} @ {r.budget:g}" for r in rows if r.seconds.get("unreachable")]
     if unreachable:
         lines.append(f"\nUnreachable budgets (refused by the planner): {', '.join(unreachable)}")
+
+    # the verified choices: what each +verify plan was measured against on held-in tokens
+    verified = [r for r in ok if r.held_in]
+    if verified:
+        lines += ["", "Verified choices (`+verify`): every candidate's real KL on the held-in judge chunks (RealLoss), lowest first.", "",
+                  "| variant | method | budget | candidates: held-in KL (bits/weight) |", "|---|---|---:|---|"]  # fmt: skip
+        for r in sorted(verified, key=lambda r: (r.variant, r.method, r.budget)):
+            cands = "; ".join(f"{c['label']}: {c['kl']:.4f} ({c['bpw']:.3f})" for c in r.held_in)
+            lines.append(f"| {r.variant} | {r.method} | {r.budget:g} | {cands} |")
 
     # size at equal PPL: windq's best plan at each budget against llama.cpp's best mixes
     lines += ["", "| budget | windq best (variant, method) | size (MB) | PPL | llama.cpp size at that PPL (MB) | ratio |", "|---:|---|---:|---:|---:|---:|"]
@@ -448,25 +495,37 @@ def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer) -> dict:
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "bench.md", table)
 
-    # a colour per method and a line style per variant: a dozen lines outrun any colour cycle
-    methods = sorted({r.method for r in ok if not r.method.startswith("llama.cpp")})
-    colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    # three fronts a reader can tell apart, one panel per variant: windq's plans (every method but
+    # uniform), the uniform plans, llama.cpp's mixes; each the lower envelope of its points, solid
+    # with the source type allowed, dashed with it excluded (+exclude)
+    fronts = {
+        "windq": dict(color="tab:blue", marker="o"),
+        "uniform": dict(color="tab:orange", marker="^"),
+        "llama.cpp mixes": dict(color="black", marker="s"),
+    }
+
+    def front_of(r: Row) -> str:
+        return "llama.cpp mixes" if r.method.startswith("llama.cpp") else "uniform" if r.method.startswith("uniform") else "windq"
+
     for metric, fname in (("ppl", "pareto-ppl.png"), ("kld", "pareto-kld.png")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for variant in cfg.variants:
-            style = "--" if variant == "aligned" else "-"
-            for method in methods:
-                pts = sorted((r.bpw, getattr(r, metric)) for r in ok if r.variant == variant and r.method == method)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", linestyle=style, color=colour[method], label=f"windq {method} ({variant})")
-            pts = sorted((r.bpw, getattr(r, metric)) for r in stock if r.variant == variant)
-            if pts:
-                ax.plot(*zip(*pts), marker="s", linestyle=style, color="black", label=f"llama.cpp mixes ({variant})")
-        ax.set_xlabel("bits per real weight")
-        ax.set_ylabel("PPL" if metric == "ppl" else "KLD vs source (nats/token)")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        fig, axes = plt.subplots(1, len(cfg.variants), figsize=(6.5 * len(cfg.variants), 4.5), squeeze=False)
+        for ax, variant in zip(axes[0], cfg.variants):
+            for front, style in fronts.items():
+                for excluded in (False, True):
+                    pts = [(r.bpw, getattr(r, metric)) for r in ok if r.variant == variant and front_of(r) == front
+                           and ("+exclude" in r.method) == excluded]  # fmt: skip
+                    env = pareto_front(pts)
+                    if not env:
+                        continue
+                    ax.scatter(*zip(*pts), s=12, alpha=0.35, color=style["color"], marker=style["marker"])
+                    label = front + (" (source type excluded)" if excluded else "")
+                    ax.plot(*zip(*env), linestyle="--" if excluded else "-", label=label, **style)
+            ax.set_title(variant)
+            ax.set_xlabel("bits per real weight")
+            ax.set_ylabel("PPL" if metric == "ppl" else "KLD vs source (nats/token)")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         with atomic_output(out / fname) as tmp:
             fig.savefig(tmp, dpi=110, format="png")

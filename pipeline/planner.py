@@ -31,11 +31,12 @@ class PlanConfig:
     policy: str | None = None  # apply a saved policy instead of training
     real_loss_tokens: int = 1024  # judge tokens for the PPO episode-end KL, over several sequences (0: none)
     threads: int | None = None
-    # what the allocator minimises: "proxy" (imatrix) or "kl" (Fisher-predicted real loss). The
-    # default stays "proxy" until `windq fidelity` has measured that "kl" ranks plans better.
-    objective: str = "proxy"
+    # what the allocator minimises: "kl" (Fisher-predicted real loss) or "proxy" (imatrix-weighted
+    # squared error, as llama.cpp's tools). `windq fidelity` on the default model: kl's optimum had
+    # the lowest real KL of 11 near-optimal plans at 4.6, 5.0 and 5.5 bits, proxy's did not (README)
+    objective: str = "kl"
     exclude_source: bool = False  # never plan a tensor in its source type (llama.cpp would copy it, error-free)
-    verify: bool = False  # measure the plan against the best uniform plan and llama.cpp's mixes; keep the best
+    verify: bool = False  # (`windq plan` turns it on) measure the plan against the best uniform plan and llama.cpp's mixes; keep the best
     verify_tokens: int = 2048  # judge tokens the verification measures on (8 sequences of 256)
     verify_mixes: tuple[str, ...] | None = None  # llama.cpp mixes the verification tries (None: verify.STOCK_MIXES)
 
@@ -154,20 +155,36 @@ def _check_stats(model: GGUFModel, statsdir: Path) -> None:
         raise CalibrationError(f"{statsdir} was calibrated on {meta.get('model')}, not {model.path.name}; calibrate this model")
 
 
+def tables_path(model: GGUFModel, statsdir: Path, imatrix_sha256: str, group: int | None = 256) -> Path:
+    """Where the calibration folder caches its tables: keyed by model, imatrix and Fisher."""
+    from windq.pipeline.sensitivity import cache_path
+
+    return cache_path(model, imatrix_sha256, statsdir, group=group, fisher_sha256=_fisher_sha256(statsdir))
+
+
+def _fisher_sha256(statsdir: Path) -> str:
+    import hashlib
+
+    path = Path(statsdir) / CalibrationFiles.FISHER
+    if not path.is_file():
+        raise CalibrationError(f"{statsdir}: no {CalibrationFiles.FISHER} (made by an older windq); run `windq calibrate` again")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def load_tables(
     model: GGUFModel, statsdir: Path, imatrix: dict[str, np.ndarray], imatrix_sha256: str, *, group: int | None = 256,
     threads: int | None = None, progress: Callable[[int, int], None] | None = None,
 ) -> Tables:  # fmt: skip
-    """The calibration folder's cached tables (proxy and predicted KL), built on first use."""
-    import hashlib
-
-    F = CalibrationFiles
-    fisher = load_fisher(statsdir)
-    meta = json.loads((statsdir / F.META).read_text())
+    """The calibration folder's cached tables (proxy and predicted KL), built on first use; the
+    Fisher is parsed only then."""
+    statsdir = Path(statsdir)
+    path = tables_path(model, statsdir, imatrix_sha256, group)
+    if path.is_file():
+        return Tables.load(path)
+    meta = json.loads((statsdir / CalibrationFiles.META).read_text())
     return load_or_compute(
         model, imatrix, statsdir, group=group, imatrix_sha256=imatrix_sha256, threads=threads, progress=progress,
-        fisher=fisher, tokens_per_sequence=int(meta["ctx"]),
-        fisher_sha256=hashlib.sha256((statsdir / F.FISHER).read_bytes()).hexdigest(),
+        fisher=load_fisher(statsdir), tokens_per_sequence=int(meta["ctx"]), fisher_sha256=_fisher_sha256(statsdir),
     )  # fmt: skip
 
 

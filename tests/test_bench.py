@@ -1,7 +1,8 @@
 import pytest
 import json
 
-from windq.evaluators.bench import Row, quick_config, run_bench, size_at_equal_ppl
+from windq.errors import InputError
+from windq.evaluators.bench import Row, pareto_front, parse_method, quick_config, run_bench, size_at_equal_ppl
 
 
 @pytest.mark.slow  # a long end-to-end run through llama.cpp
@@ -89,3 +90,17 @@ def test_speeds_are_measured_in_one_sitting_and_again_when_a_file_joins(tmp_path
     speeds = measure_speeds(files, cache, 8, 2, 3, speed=fake_speed)
     assert calls[6:] == ["a", "b", "c"] * 3 and speeds == {"sha-a": 40.0, "sha-b": 2.0, "sha-c": 7.0}
     assert measure_speeds(files, cache, 16, 2, 3, speed=lambda *a: 1.0) == dict.fromkeys(files, 1.0)  # a new setup too
+
+
+def test_bench_methods_name_an_allocator_a_granularity_and_modifiers():
+    assert parse_method("knapsack") == ("knapsack", "tensor", ())
+    assert parse_method("ppo@chunk:256+verify") == ("ppo", "chunk:256", ("verify",))
+    assert parse_method("knapsack+verify+exclude") == ("knapsack", "tensor", ("verify", "exclude"))
+    for bad in ("greedy", "knapsack+fast", "uniform+"):
+        with pytest.raises(InputError):
+            parse_method(bad)
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    pts = [(5.0, 0.05), (4.0, 0.2), (4.5, 0.3), (5.5, 0.05), (6.0, 0.01)]
+    assert pareto_front(pts) == [(4.0, 0.2), (5.0, 0.05), (6.0, 0.01)]

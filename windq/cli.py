@@ -152,10 +152,10 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, fisher_chunks: i
 @click.option("--bpw", required=True, type=float, help="Budget: bits per weight over the whole file (every tensor's bytes).")
 @click.option("--method", type=click.Choice(list(METHODS)), default="knapsack", show_default=True,
               help="knapsack: optimum of the --objective; ppo: MaskablePPO warm-started from it; uniform/random: baselines.")
-@click.option("--objective", type=click.Choice(["kl", "proxy"]), default="proxy", show_default=True,
-              help="kl: the Fisher-predicted KL increase; proxy: llama.cpp-style imatrix-weighted squared error.")
+@click.option("--objective", type=click.Choice(["kl", "proxy"]), default="kl", show_default=True,
+              help="kl: the Fisher-predicted KL increase; proxy: llama.cpp-style imatrix-weighted squared error (ranks plans worse: `windq fidelity`).")
 @click.option("--exclude-source", is_flag=True, help="Never plan a tensor in its source type (llama.cpp copies those error-free: a gift a user quantising from F16 does not get).")
-@click.option("--verify/--no-verify", default=False, show_default=True,
+@click.option("--verify/--no-verify", default=True, show_default=True,
               help="Measure the plan's real KL on held-in judge tokens against the best uniform plan and every llama.cpp mix that fits; keep the best.")
 @click.option("--granularity", default="tensor", show_default=True, help="`tensor`, or `chunk:G` (G = 128, 256, 512 columns) projected to one type per tensor for export.")
 @click.option("--types", help="Comma-separated ggml types to allow (default: every legal one).")
@@ -298,7 +298,7 @@ def fidelity_cmd(model, stats, budgets, objectives, rivals, tokens, exclude_sour
 @click.option("--stats", type=click.Path(file_okay=False), help="Use this folder from `windq calibrate` instead of the cache.")
 @click.option("--cache", type=click.Path(file_okay=False), help="Where calibrations are kept, keyed by model, text and settings (default: ~/.cache/windq/calibrations).")
 @click.option("--method", type=click.Choice(list(METHODS)), default="knapsack", show_default=True, help="As `windq plan --method`.")
-@click.option("--objective", type=click.Choice(["kl", "proxy"]), default="proxy", show_default=True, help="As `windq plan --objective`.")
+@click.option("--objective", type=click.Choice(["kl", "proxy"]), default="kl", show_default=True, help="As `windq plan --objective`.")
 @click.option("--types", help="Comma-separated ggml types to allow (default: every legal one).")
 @click.option("--exclude-source", is_flag=True, help="Never plan a tensor in its source type.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
@@ -499,7 +499,7 @@ def eval_cmd(model: str, ref: str | None, text: str, ctx: int, chunks: int, thre
 @click.option("--out", default="runs/bench", show_default=True, type=click.Path(file_okay=False), help="Output and cache folder.")
 @click.option("--quick", is_flag=True, help="A CI-sized run: one budget, two mixes, two chunks.")
 @click.option("--budgets", help="Comma-separated bits-per-weight budgets (default 3.0 … 5.5 in steps of 0.5).")
-@click.option("--methods", help="Comma-separated windq methods, e.g. uniform,knapsack,ppo,knapsack@chunk:256.")
+@click.option("--methods", help="Comma-separated windq methods NAME[@chunk:G][+verify][+exclude], e.g. uniform,knapsack+verify,uniform+exclude,knapsack@chunk:256 (+verify: the verified choice; +exclude: source type never planned).")
 @click.option("--mixes", help="Comma-separated llama.cpp mixes (default: Q2_K … Q8_0, eleven of them).")
 @click.option("--variants", help="unaligned,aligned (default both).")
 @click.option("--chunks", type=int, help="512-token held-out chunks per evaluation (default 128: 32,640 scored tokens).")
