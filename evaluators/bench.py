@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from windq.files import load_arrays
+from windq.pipeline.fidelity import spearman
 from windq.keys import CalibrationFiles
 from windq.registry import bits_per_weight
 
@@ -73,6 +74,18 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
         if not out or y < out[-1][1]:
             out.append((x, y))
     return out
+
+
+def judge_pairs(verified: "Row", rows: list["Row"]) -> list[tuple[float, float]]:
+    """(held-in KL, held-out KLD) for every candidate of `verified` that is also a bench file of
+    the same variant, matched by exact bits per weight (rows keep no type lists; two different
+    plans of byte-identical size would be confused, which none of the rows measured here are)."""
+    pairs = []
+    for c in verified.held_in:
+        match = [r for r in rows if r.variant == verified.variant and abs(r.bpw - c["bpw"]) < 1e-9]
+        if match:
+            pairs.append((c["kl"], match[0].kld))
+    return pairs
 
 
 def quick_config(model: str = "default") -> BenchConfig:
@@ -454,6 +467,15 @@ def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer) -> dict:
         for r in sorted(verified, key=lambda r: (r.variant, r.method, r.budget)):
             cands = "; ".join(f"{c['label']}: {c['kl']:.4f} ({c['bpw']:.3f})" for c in r.held_in)
             lines.append(f"| {r.variant} | {r.method} | {r.budget:g} | {cands} |")
+        # does the held-in judge rank plans as llama.cpp does on held-out text? every candidate
+        # this bench also evaluated (matched by its exact bits per weight) pairs the two measures
+        lines += ["", "Judge agreement: Spearman rank correlation between a verification's held-in KL and the held-out KLD "
+                  "llama.cpp measured, over the candidates the bench also evaluated.", "",
+                  "| variant | method | budget | candidates matched | Spearman |", "|---|---|---:|---:|---:|"]  # fmt: skip
+        for r in sorted(verified, key=lambda r: (r.variant, r.method, r.budget)):
+            pairs = judge_pairs(r, ok)
+            rho = spearman([a for a, _ in pairs], [b for _, b in pairs]) if len(pairs) >= 3 else float("nan")
+            lines.append(f"| {r.variant} | {r.method} | {r.budget:g} | {len(pairs)} of {len(r.held_in)} | {rho:.2f} |")
 
     # size at equal PPL: windq's best plan at each budget against llama.cpp's best mixes
     lines += ["", "| budget | windq best (variant, method) | size (MB) | PPL | llama.cpp size at that PPL (MB) | ratio |", "|---:|---|---:|---:|---:|---:|"]

@@ -104,3 +104,16 @@ def test_bench_methods_name_an_allocator_a_granularity_and_modifiers():
 def test_pareto_front_keeps_the_points_nothing_beats():
     pts = [(5.0, 0.05), (4.0, 0.2), (4.5, 0.3), (5.5, 0.05), (6.0, 0.01)]
     assert pareto_front(pts) == [(4.0, 0.2), (5.0, 0.05), (6.0, 0.01)]
+
+
+def test_judge_pairs_match_candidates_to_bench_files_by_exact_size():
+    from windq.evaluators.bench import judge_pairs
+
+    def row(method, bpw, kld, held_in=()):
+        return Row("unaligned", method, 5.0, 0, bpw, 0, kld, 0, 0, 0, held_in=list(held_in))
+
+    cands = [{"label": "windq knapsack", "bpw": 4.99, "kl": 0.02}, {"label": "uniform IQ4_NL", "bpw": 4.507, "kl": 0.17},
+             {"label": "llama.cpp IQ2_M", "bpw": 4.984, "kl": 0.4}, {"label": "llama.cpp Q2_K", "bpw": 5.139, "kl": 0.3}]  # fmt: skip
+    verified = row("knapsack+verify", 4.99, 0.05, cands)
+    rows = [verified, row("uniform", 4.507, 0.16), row("llama.cpp:IQ2_M", 4.984, 0.38), row("llama.cpp:Q8_0", 8.5, 0.006)]
+    assert judge_pairs(verified, rows) == [(0.02, 0.05), (0.17, 0.16), (0.4, 0.38)]  # Q2_K was not a bench file
