@@ -11,9 +11,12 @@ needs:
 - judge chunks: held-in tokens cut after the imatrix's, never used for the imatrix or the Fisher,
   on which the planner measures the real KL of its candidate plans.
 
-Statistics are keyed by GGUF tensor name; HF module names are mapped with gguf's TensorNameMap.
-Text is tokenized by llama.cpp from the GGUF's own vocabulary, so calibration and evaluation see
-the same tokens.
+Statistics are keyed by GGUF tensor name. The torch model is transformers' own GGUF load, and
+what windq needs to know of an architecture is data (`ARCHITECTURES`), the rest taken from the
+libraries that define it: tensor names from gguf-py's TensorNameMap, through transformers' map of
+GGUF names to parameters (the one its loader filled the model with), and the weight transforms
+from transformers' per-architecture GGUF tensor processors. Text is tokenized by llama.cpp from the
+GGUF's own vocabulary, so calibration and evaluation see the same tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-import gguf
 import numpy as np
 
 from windq import __version__
@@ -38,8 +40,43 @@ from windq.models.sources import Text
 from windq.models.tokenizer import token_chunks
 from windq.pipeline.imatrix import Imatrix, save_imatrix
 
-# transformers' GGUF loader knows more, but the name mapping and the planner are tested on llama only.
-SUPPORTED_ARCHITECTURES = ("llama",)
+
+@dataclass(frozen=True)
+class Architecture:
+    """A GGUF architecture windq runs in torch: llama.cpp's name for it (general.architecture, which
+    alone decides the graph llama.cpp runs) and the transformers model_type whose forward is that
+    graph. Anything else about it comes from gguf-py and transformers."""
+
+    gguf_name: str
+    model_type: str
+    families: tuple[str, ...]  # the checkpoints llama.cpp's converter writes under this name
+
+    def describe(self) -> str:
+        return f"{self.gguf_name} ({', '.join(self.families)})"
+
+
+# Each one is tested end to end on a synthetic model (tests/test_architectures.py), down to a KL of
+# exactly 0 between the torch model and the fake-quantized one for the source plan. Mistral has no
+# GGUF architecture of its own: llama.cpp's converter writes MistralForCausalLM as llama.
+ARCHITECTURES = {
+    a.gguf_name: a
+    for a in (
+        Architecture("llama", "llama", ("Llama", "Mistral")),
+        Architecture("qwen2", "qwen2", ("Qwen2", "Qwen2.5")),
+    )
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+
+
+def architecture(model: GGUFModel) -> Architecture:
+    """The model's entry in ARCHITECTURES; any other architecture is refused, never guessed at."""
+    arch = ARCHITECTURES.get(model.architecture)
+    if arch is None:
+        raise UnsupportedModelError(
+            f"{model.path.name}: architecture {model.architecture!r} is not supported for calibration "
+            f"(supported: {'; '.join(a.describe() for a in ARCHITECTURES.values())})"
+        )
+    return arch
 
 
 @dataclass(frozen=True)
@@ -93,18 +130,26 @@ class Calibration:
 
 
 def load_torch_model(model: GGUFModel):
-    """The GGUF as a float32 transformers model (dequantized by gguf-py inside transformers)."""
-    if model.architecture not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{model.path.name}: architecture {model.architecture!r} is not supported for calibration "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
+    """The GGUF as a float32 transformers model (dequantized by gguf-py inside transformers), checked
+    to hold every tensor of the file and nothing that is not in it."""
+    arch = architecture(model)
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    where, name = str(model.path.parent), model.path.name
     with quiet_transformers():
-        m = AutoModelForCausalLM.from_pretrained(str(model.path.parent), gguf_file=model.path.name, dtype=torch.float32)
-    return m.eval()
+        config = AutoConfig.from_pretrained(where, gguf_file=name)
+        if config.model_type != arch.model_type:
+            # transformers also reads general.name: a llama GGUF named "mistral" becomes a
+            # MistralForCausalLM, with a 4096-token sliding window that llama.cpp's llama graph does
+            # not have, and a weight map that gguf-py (no "mistral" architecture) cannot build.
+            # llama.cpp picks its graph by general.architecture alone, and so does windq.
+            kept = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+            config = AutoConfig.for_model(arch.model_type, **kept)
+        m = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, config=config, dtype=torch.float32)
+    m.eval()
+    parameter_tensors(model, m)  # refuses a file and a model that do not hold the same weights
+    return m
 
 
 @contextmanager
@@ -141,57 +186,75 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def weight_processor(model: GGUFModel, torch_model):
+    """transformers' tensor processor for the model's architecture, the one its GGUF loader ran:
+    `.process(weights, name).weights` turns a GGUF tensor into the torch parameter (llama's undoes
+    llama.cpp's rotary permutation of Q and K rows; qwen2's, the default one, changes nothing)."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    # keyed by general.architecture, as transformers' loader keys it; its config is the model's
+    return TENSOR_PROCESSORS.get(model.architecture, TensorProcessor)(config=torch_model.config.to_dict())
+
+
+def parameter_tensors(model: GGUFModel, torch_model) -> dict[int, str]:
+    """id(torch parameter) → the GGUF tensor it was loaded from, through transformers' own map of
+    GGUF names to parameters (gguf-py's TensorNameMap for the model's type).
+
+    transformers' loader skips a GGUF tensor it has no place for and leaves a parameter the file
+    lacks at its initial value, both in silence; here either is refused. A tied output head is the
+    embedding's own parameter, so it maps to token_embd."""
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    hf_names = get_gguf_hf_weights_map(torch_model, weight_processor(model, torch_model))
+    params = dict(torch_model.named_parameters())
+    out: dict[int, str] = {}
+    for tensor in model.tensors:
+        hf = hf_names.get(tensor)
+        if hf is None or hf not in params:
+            raise UnsupportedModelError(
+                f"{model.path.name}: tensor {tensor} has no place in transformers' {type(torch_model).__name__}, "
+                f"which would run without it; this {model.architecture} variant is not supported"
+            )
+        out[id(params[hf])] = tensor
+    missing = [n for n, p in params.items() if id(p) not in out]
+    if missing:
+        raise UnsupportedModelError(
+            f"{model.path.name}: transformers' {type(torch_model).__name__} has {missing[0]} ({len(missing)} such), "
+            f"which no tensor of the file fills; this {model.architecture} variant is not supported"
+        )
+    return out
+
+
 def module_to_tensor(model: GGUFModel, torch_model) -> dict[str, str]:
-    """HF nn.Linear module name → GGUF weight name, through gguf's TensorNameMap."""
+    """HF nn.Linear module name → the GGUF weight it multiplies by (token_embd for a tied head: its
+    inputs are what that matrix sees on its way out)."""
     import torch
 
-    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == model.architecture)
-    n_blocks = int(model.arch_field("{arch}.block_count"))
-    names = gguf.get_tensor_name_map(arch, n_blocks)
-    out = {}
-    for mod_name, mod in torch_model.named_modules():
-        if not isinstance(mod, torch.nn.Linear):
-            continue
-        base = names.get_name(mod_name)
-        if base is None:
-            raise UnsupportedModelError(f"no GGUF name for module {mod_name}; this model layout is not supported")
-        tensor = base + ".weight"
-        if tensor not in model.tensors and base == "output" and "token_embd.weight" in model.tensors:
-            # Tied embeddings: llama.cpp multiplies by token_embd for the output, so the output's
-            # inputs are what that matrix sees on its way out.
-            tensor = "token_embd.weight"
-        if tensor not in model.tensors:
-            raise UnsupportedModelError(f"module {mod_name} maps to {tensor}, which {model.path.name} lacks")
-        out[mod_name] = tensor
-    return out
+    by_param = parameter_tensors(model, torch_model)
+    return {
+        name: by_param[id(mod.weight)] for name, mod in torch_model.named_modules() if isinstance(mod, torch.nn.Linear)
+    }
 
 
 def tensor_params(model: GGUFModel, torch_model) -> dict[str, list]:
-    """GGUF weight name → the torch parameters holding it (one, or the embedding and a tied head)."""
+    """GGUF weight name → the torch parameters holding it, for every tensor a plan may change."""
+    by_param = parameter_tensors(model, torch_model)
+    planned = {t.name for t in model.quantizable()}
     out: dict[str, list] = {}
-    for mod_name, tensor in module_to_tensor(model, torch_model).items():
-        p = torch_model.get_submodule(mod_name).weight
-        if all(q is not p for q in out.get(tensor, [])):
-            out.setdefault(tensor, []).append(p)
-    emb = torch_model.get_input_embeddings().weight
-    if "token_embd.weight" in model.tensors and all(p is not emb for p in out.get("token_embd.weight", [])):
-        out.setdefault("token_embd.weight", []).append(emb)
+    for p in torch_model.parameters():
+        if by_param[id(p)] in planned:
+            out.setdefault(by_param[id(p)], []).append(p)
     return out
 
 
-def rope_processor(torch_model):
-    """transformers' processor that undoes llama.cpp's rotary permutation of Q and K rows, as
-    transformers applies it when it loads a GGUF (`.process(weights, name).weights`)."""
-    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
-
-    cfg = torch_model.config
-    return LlamaTensorProcessor(config={"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads})
-
-
 def hf_row_order(processor, tensor: str, rows: int) -> np.ndarray:
-    """[k]: the GGUF row that HF's row k of `tensor` is (only Q and K are permuted)."""
+    """[k]: the GGUF row that HF's row k of `tensor` is (only llama's Q and K are permuted)."""
     index = np.arange(rows, dtype=np.float32)[:, None]
-    return np.asarray(processor.process(index, tensor).weights).reshape(rows).astype(np.int64)
+    order = np.asarray(processor.process(index, tensor).weights).reshape(-1)
+    if order.shape != (rows,) or not np.array_equal(np.sort(order), np.arange(rows)):
+        # a processor that changes values, not only the order of rows, has no row order to undo
+        raise UnsupportedModelError(f"transformers' {type(processor).__name__} does not only reorder the rows of {tensor}")
+    return order.astype(np.int64)
 
 
 @dataclass
@@ -241,7 +304,7 @@ def fisher_marginals(
         for p in torch_model.parameters():
             p.requires_grad_(False)
     out = {}
-    proc = rope_processor(torch_model)
+    proc = weight_processor(model, torch_model)
     for t, (r, c) in sums.items():
         order = hf_row_order(proc, t, len(r))
         rows = np.empty_like(r)
@@ -279,6 +342,7 @@ def calibrate(
 ) -> Calibration:
     import torch
 
+    architecture(model)  # refused before llama.cpp tokenizes anything
     t0 = time.perf_counter()
     want = cfg.tokens // cfg.ctx
     every = token_chunks(
@@ -305,6 +369,7 @@ def calibrate(
         "windq": __version__,
         "model": model.path.name,
         "model_sha256": model.sha256,
+        "architecture": model.architecture,
         "text": text.name,
         "text_sha256": text.sha256,
         "ctx": cfg.ctx,
@@ -317,9 +382,11 @@ def calibrate(
     return Calibration(stats=stats, tokens=tokens, meta=meta, fisher=fisher, judge=judge)
 
 
-def save_calibration(cal: Calibration, outdir: str | Path, architecture: str = "llama") -> Path:
+def save_calibration(cal: Calibration, outdir: str | Path, architecture: str | None = None) -> Path:
+    """The calibration folder; the imatrix names the calibrated model's architecture, as
+    llama-imatrix's does, unless `architecture` says otherwise."""
     outdir = Path(outdir)
-    save_imatrix(cal.imatrix, outdir / CalibrationFiles.IMATRIX, architecture)
+    save_imatrix(cal.imatrix, outdir / CalibrationFiles.IMATRIX, architecture or cal.meta.get("architecture", "llama"))
     with atomic_output(outdir / CalibrationFiles.ACTIVATIONS) as tmp:
         with open(tmp, "wb") as f:
             np.savez(

@@ -15,7 +15,7 @@ import numpy as np
 
 from windq import ggml, registry
 from windq.models.gguf_model import GGUFModel
-from windq.pipeline.calibrate import load_torch_model, rope_processor, tensor_params
+from windq.pipeline.calibrate import load_torch_model, tensor_params, weight_processor
 
 
 class RealLoss:
@@ -26,7 +26,7 @@ class RealLoss:
         self.imatrix = dict(imatrix or {})
         self.tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64).reshape(-1, tokens.shape[-1]))
         self.tm = load_torch_model(model)
-        self._permute = rope_processor(self.tm)
+        self._process = weight_processor(model, self.tm)
         self.params = tensor_params(model, self.tm)
         self._bytes: dict[tuple[str, str], np.ndarray] = {}
         self.ref_logp = self._logp()
@@ -56,7 +56,7 @@ class RealLoss:
             if key not in self._bytes:
                 self._bytes[key] = ggml.quantize(qt.id, self.model.dequantized(tensor), self.imatrix.get(tensor))
             w = ggml.dequantize(qt.id, self._bytes[key], (rows, info.n_per_row))
-        return self._permute.process(w, tensor).weights
+        return self._process.process(w, tensor).weights
 
     def kl(self, types: Mapping[str, str]) -> float:
         """Mean KL(reference ‖ plan) per token, in nats."""

@@ -1,0 +1,194 @@
+"""Every architecture windq calibrates, on a tiny synthetic model of each: the torch model computes
+what llama.cpp computes, calibration covers every planned tensor, the real loss is exactly 0 for
+the source plan (names, permutations and quirks all right) and the imatrix windq writes is the one
+llama.cpp's quantizer uses. Anything else is refused in one line."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gguf
+import numpy as np
+import pytest
+
+from helpers import assert_one_line_error, windq
+from windq import ggml, registry
+from windq.errors import UnsupportedModelError
+from windq.export.quantize import export_gguf
+from windq.llamacpp import load_llama
+from windq.models import synthetic
+from windq.models.gguf_model import GGUFModel
+from windq.models.sources import wiki_text
+from windq.models.synthetic import SyntheticConfig, write_synthetic_gguf
+from windq.pipeline.calibrate import (
+    CalibrationConfig, calibrate, load_torch_model, module_to_tensor, save_calibration, torch_threads,
+)  # fmt: skip
+from windq.pipeline.imatrix import load_imatrix
+from windq.pipeline.real_loss import RealLoss
+from windq.plan import make_plan
+
+ARCHS = ("llama", "qwen2", "mistral")
+TORCH_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "LlamaForCausalLM"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Models this small gain nothing from a second thread, and lose much when the cores are busy."""
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_gguf(request, tmp_path_factory):
+    arch = request.param
+    return arch, write_synthetic_gguf(tmp_path_factory.mktemp(arch) / f"tiny-{arch}-f32.gguf", SyntheticConfig(architecture=arch))
+
+
+@pytest.fixture(scope="module")
+def arch_calibration(arch_gguf):
+    _, path = arch_gguf
+    return calibrate(GGUFModel(path), wiki_text("calibration"), CalibrationConfig(tokens=512, ctx=128, fisher_chunks=1, judge_chunks=2, threads=1))
+
+
+def test_synthetic_model_is_written_as_its_family(arch_gguf):
+    arch, path = arch_gguf
+    m = GGUFModel(path)
+    flavour = synthetic.FLAVOURS[arch]
+    assert m.architecture == gguf.MODEL_ARCH_NAMES[flavour.arch]  # mistral: llama, as llama.cpp's converter writes it
+    biases = {n for n in m.tensors if n.endswith(".bias")}
+    assert biases == ({f"blk.{i}.attn_{w}.bias" for i in range(2) for w in "qkv"} if flavour.qkv_bias else set())
+    if flavour.head_dim:  # head width apart from n_embd / n_head, as Mistral Nemo's
+        assert m.tensors["blk.0.attn_q.weight"].shape == (256, 4 * flavour.head_dim)
+    assert path.stat().st_size < 8_000_000
+
+
+def assert_same_logits(tm, path):
+    """windq's torch model against llama.cpp's logits on the same tokens, both in float32 (the KV
+    cache too): a dropped bias, a wrong rotary layout or a wrong head width would show here as
+    differences of order 1, where float32 rounding makes 1e-5."""
+    import torch
+
+    tokens = np.random.default_rng(0).integers(3, 259, 64)
+    tokens[0] = 1
+    llm = load_llama(path, n_ctx=64, n_batch=64, n_threads=2, logits_all=True, type_k=0, type_v=0)  # 0: GGML_TYPE_F32
+    try:
+        llm.eval([int(t) for t in tokens])
+        ref = np.array(llm.scores[: len(tokens)])
+    finally:
+        llm.close()
+    with torch.inference_mode():
+        ours = tm(torch.from_numpy(tokens[None]), use_cache=False).logits[0].numpy()
+    assert np.abs(ref).max() > 1  # logits that say something
+    np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
+
+
+def test_torch_model_computes_what_llama_cpp_computes(arch_gguf):
+    arch, path = arch_gguf
+    tm = load_torch_model(GGUFModel(path))
+    assert type(tm).__name__ == TORCH_CLASS[arch]
+    assert_same_logits(tm, path)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tied_head_is_the_embedding(arch, tmp_path):
+    """No output.weight (SmolLM2, Qwen2.5-0.5B): the head's inputs and the Fisher go to token_embd."""
+    m = GGUFModel(write_synthetic_gguf(tmp_path / "tied.gguf", SyntheticConfig(architecture=arch, tied=True)))
+    judge = RealLoss(m, None, np.random.default_rng(1).integers(3, 259, (2, 64)))
+    assert module_to_tensor(m, judge.tm)["lm_head"] == "token_embd.weight"
+    assert [p is judge.tm.get_input_embeddings().weight for p in judge.params["token_embd.weight"]] == [True]
+    assert_same_logits(judge.tm, m.path)
+    source = {t.name: t.type_name for t in m.quantizable()}
+    assert judge.kl(source) == 0.0 and judge.kl({**source, "token_embd.weight": "Q4_0"}) > 1e-4
+
+
+def test_calibration_covers_every_quantizable_tensor(arch_gguf, arch_calibration):
+    _, path = arch_gguf
+    m = GGUFModel(path)
+    cal = arch_calibration
+    planned = {t.name for t in m.quantizable()}
+    assert not any(n.endswith(".bias") for n in planned)
+    # llama.cpp's imatrix has no token_embd (it is read by row, never multiplied); the Fisher has it
+    assert set(cal.imatrix.sums) == planned - {"token_embd.weight"}
+    assert set(cal.fisher) == planned
+    assert cal.meta["architecture"] == m.architecture and cal.meta["chunks"] == 4 and len(cal.judge) == 2
+    for name in planned:
+        info = m.tensors[name]
+        rows = info.n_elements // info.n_per_row
+        f = cal.fisher[name]
+        assert f.rows.shape == (rows,) and f.cols.shape == (info.n_per_row,), name  # GGUF orientation
+        assert np.isfinite(f.rows).all() and f.rows.sum() > 0, name
+        if name in cal.imatrix.sums:
+            assert cal.imatrix.counts[name] == 512
+            assert cal.imatrix.sums[name].shape == (info.n_per_row,) and (cal.imatrix.sums[name] > 0).all(), name
+
+
+def test_real_loss_is_zero_for_the_source_plan(arch_gguf, arch_calibration):
+    _, path = arch_gguf
+    m = GGUFModel(path)
+    judge = RealLoss(m, arch_calibration.imatrix.data, arch_calibration.judge)
+    source = {t.name: t.type_name for t in m.quantizable()}
+    assert judge.kl(source) == 0.0
+    assert judge.kl({name: "Q4_0" for name in source}) > 1e-3
+    assert judge.kl(source) == 0.0  # every weight put back exactly
+
+
+def test_llama_quantizer_uses_the_imatrix_windq_writes(arch_gguf, arch_calibration, tmp_path):
+    _, path = arch_gguf
+    m = GGUFModel(path)
+    save_calibration(arch_calibration, tmp_path / "cal")
+    im_file = tmp_path / "cal" / "imatrix.gguf"
+    assert gguf.GGUFReader(im_file).get_field("general.architecture").contents() == m.architecture
+    im = load_imatrix(im_file, m)
+    plan = make_plan(m, {t.name: "Q4_0" for t in m.quantizable()}, method="manual")
+    out = GGUFModel(export_gguf(m, plan, tmp_path / "q4_0.gguf", imatrix=im.data).path)
+    q4 = registry.get("Q4_0").id
+    for name, importance in im.data.items():
+        # llama.cpp found each entry by name and size, and quantized with it: windq's own Q4_0 of the
+        # tensor with the same importance is byte for byte what llama.cpp wrote
+        assert out.raw(name).tobytes() == ggml.quantize(q4, m.dequantized(name), importance).tobytes(), name
+    name = "blk.0.ffn_down.weight"
+    assert out.raw(name).tobytes() != ggml.quantize(q4, m.dequantized(name), None).tobytes()
+
+
+def _gguf_of_architecture(path, arch: str):
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 256), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_another_architecture_is_refused_in_one_line(tmp_path):
+    m = GGUFModel(_gguf_of_architecture(tmp_path / "gemma3.gguf", "gemma3"))
+    for run in (
+        lambda: calibrate(m, wiki_text("calibration"), CalibrationConfig(tokens=512, ctx=128)),
+        lambda: RealLoss(m, None, np.zeros((1, 8), dtype=np.int64)),
+    ):
+        with pytest.raises(UnsupportedModelError) as e:
+            run()
+        assert "\n" not in str(e.value)
+        for fragment in ("gemma3.gguf", "'gemma3' is not supported", "llama (Llama, Mistral)", "qwen2 (Qwen2, Qwen2.5)"):
+            assert fragment in str(e.value)
+    r = windq("calibrate", m.path, "--out", tmp_path / "cal")
+    assert_one_line_error(r, "'gemma3' is not supported", "supported: llama")
+    assert not (tmp_path / "cal").exists()
+
+
+@pytest.mark.parametrize(
+    "arch, change, fragment",
+    [
+        # a llama GGUF with biases: transformers' LlamaForCausalLM has nowhere to put them and drops them
+        ("llama", {"qkv_bias": True}, "blk.0.attn_q.bias has no place in transformers' LlamaForCausalLM"),
+        # a qwen2 GGUF without: Qwen2ForCausalLM would run with the biases it was initialised with
+        ("qwen2", {"qkv_bias": False}, "Qwen2ForCausalLM has model.layers.0.self_attn.q_proj.bias (6 such)"),
+    ],
+)
+def test_a_file_transformers_would_load_in_part_is_refused(arch, change, fragment, tmp_path, monkeypatch):
+    monkeypatch.setitem(synthetic.FLAVOURS, arch, dataclasses.replace(synthetic.FLAVOURS[arch], **change))
+    m = GGUFModel(write_synthetic_gguf(tmp_path / "odd.gguf", SyntheticConfig(architecture=arch)))
+    with pytest.raises(UnsupportedModelError, match="not supported") as e:
+        load_torch_model(m)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
