@@ -192,3 +192,23 @@ def test_a_file_transformers_would_load_in_part_is_refused(arch, change, fragmen
     with pytest.raises(UnsupportedModelError, match="not supported") as e:
         load_torch_model(m)
     assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow  # four commands in child processes
+def test_every_architecture_runs_the_commands_end_to_end(arch_gguf, tmp_path):
+    """calibrate → plan (verified) → export → eval, as a user runs them, on each architecture."""
+    import json
+
+    arch, path = arch_gguf
+    stats, plan, out = tmp_path / "stats", tmp_path / "plan.json", tmp_path / "out.gguf"
+    r = windq("calibrate", path, "--out", stats, "--tokens", "1024", "--ctx", "128", "--judge-chunks", "2", "--fisher-chunks", "1")
+    assert r.returncode == 0, r.stderr
+    r = windq("plan", path, "--stats", stats, "--bpw", "5", "--verify-mixes", "Q4_K_M,Q5_K_M,IQ4_XS", "--out", plan)
+    assert r.returncode == 0, r.stderr
+    assert "verified on" in r.stdout and json.loads(plan.read_text())["provenance"]["verified"]["candidates"]
+    r = windq("export", path, "--plan", plan, "--imatrix", stats / "imatrix.gguf", "--gguf", out)
+    assert r.returncode == 0, r.stderr
+    r = windq("eval", out, "--ref", path, "--chunks", "2", "--ctx", "128", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert 0 < result["kld"] < 0.5 and result["ppl"] > 1, (arch, result)

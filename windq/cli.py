@@ -157,6 +157,7 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, fisher_chunks: i
 @click.option("--exclude-source", is_flag=True, help="Never plan a tensor in its source type (llama.cpp copies those error-free: a gift a user quantising from F16 does not get).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Measure the plan's real KL on held-in judge tokens against the best uniform plan and every llama.cpp mix that fits; keep the best.")
+@click.option("--verify-mixes", help="Comma-separated llama.cpp mixes to verify against (default: all 21 from Q2_K to Q8_0).")
 @click.option("--granularity", default="tensor", show_default=True, help="`tensor`, or `chunk:G` (G = 128, 256, 512 columns) projected to one type per tensor for export.")
 @click.option("--types", help="Comma-separated ggml types to allow (default: every legal one).")
 @click.option("--seed", default=0, show_default=True, help="Seed for ppo and random.")
@@ -169,7 +170,7 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, fisher_chunks: i
               "auto: plan both and keep the one llama.cpp measures closer to the source on held-in calibration tokens.")
 @threads_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="plan.json to write; the allocation map goes beside it as .png.")
-def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, granularity, types, seed, episodes, policy, save_policy, real_loss_tokens, align, threads, out) -> None:
+def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, verify_mixes, granularity, types, seed, episodes, policy, save_policy, real_loss_tokens, align, threads, out) -> None:
     """Allocate a ggml type to every tensor of MODEL within a bits-per-weight budget.
 
     Needs `windq calibrate MODEL --out STATS` first. Types that cannot be written (row length,
@@ -189,7 +190,7 @@ def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, granu
     cfg = PlanConfig(
         bpw=bpw, method=method, granularity=granularity, types=allowed, seed=seed, episodes=episodes,
         policy=policy, real_loss_tokens=real_loss_tokens, threads=threads or None, objective=objective,
-        exclude_source=exclude_source, verify=verify,
+        exclude_source=exclude_source, verify=verify, verify_mixes=_mixes(verify_mixes),
     )  # fmt: skip
     bars = {}
 
@@ -211,6 +212,20 @@ def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, granu
     for line in candidates_table(result.plan):
         click.echo(line)
     click.echo(f"wrote {out} and {png}")
+
+
+def _mixes(spec: str | None) -> tuple[str, ...] | None:
+    """--verify-mixes: llama.cpp mix names, each one llama-quantize offers."""
+    if not spec:
+        return None
+    from windq.errors import InputError
+    from windq.pipeline.verify import STOCK_MIXES
+
+    mixes = tuple(m.strip().upper() for m in spec.split(","))
+    unknown = [m for m in mixes if m not in STOCK_MIXES]
+    if unknown:
+        raise InputError(f"--verify-mixes {unknown[0]}: not a mix windq verifies against (one of {', '.join(STOCK_MIXES)})")
+    return mixes
 
 
 def _echo_alignment(planned) -> None:
@@ -337,7 +352,7 @@ def quantize_cmd(model, size, bpw, out, text, tokens, stats, cache, method, obje
 
         check_calibration_folder(stats)
     allowed = tuple(registry.get(t.strip()).name for t in types.split(",")) if types else None
-    mixes = tuple(m.strip().upper() for m in verify_mixes.split(",")) if verify_mixes else None
+    mixes = _mixes(verify_mixes)
     cfg = PlanConfig(
         bpw=0.0, method=method, types=allowed, seed=seed, threads=threads or None, objective=objective,
         exclude_source=exclude_source, verify=verify, verify_tokens=verify_tokens, verify_mixes=mixes,
