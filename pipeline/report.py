@@ -61,11 +61,12 @@ def candidates_table(plan: Plan) -> list[str]:
     v = plan.provenance.get("verified")
     if not v:
         return []
-    lines = [f"verified on {v['measured_on']}:", "  candidate                     bits/weight   KL (nats/token)   predicted"]
+    width = max(28, *(len(c["label"]) for c in v["candidates"]))  # merged labels ("Q2_K = Q3_K_S") stay aligned
+    lines = [f"verified on {v['measured_on']}:", f"  {'candidate':<{width}}  bits/weight   KL (nats/token)   predicted"]
     for c in v["candidates"]:
         pred = "—" if c["predicted"] is None else f"{c['predicted']:.5f}"
         mark = "  ← chosen" if c["label"] == v["chosen"] else ""
-        lines.append(f"  {c['label']:<28}  {c['bpw']:>10.3f}   {c['kl']:>15.5f}   {pred:>9}{mark}")
+        lines.append(f"  {c['label']:<{width}}  {c['bpw']:>11.3f}   {c['kl']:>15.5f}   {pred:>9}{mark}")
     return lines
 
 
