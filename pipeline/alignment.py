@@ -39,12 +39,17 @@ class Candidate:
     unreachable: str | None = None
 
 
+def aligned_statsdir(statsdir: Path, to: int = 256) -> Path:
+    """The aligned twin's calibration folder, inside the model's own."""
+    return Path(statsdir) / f"aligned-{to}"
+
+
 def aligned_workspace(model: GGUFModel, statsdir: str | Path, to: int = 256) -> tuple[GGUFModel, Path]:
     """The aligned twin of `model` and its calibration folder, kept under STATS/aligned-TO/ and
     remade whenever the unaligned calibration changes."""
     statsdir = Path(statsdir)
     check_calibration_folder(statsdir)  # before writing an aligned model into it
-    work = statsdir / f"aligned-{to}"
+    work = aligned_statsdir(statsdir, to)
     path = work / ALIGNED_MODEL_FILE
     meta = work / CalibrationFiles.META
     if not path.is_file():
@@ -159,4 +164,4 @@ def plan_model(
     if align != "auto":
         raise InputError(f"--align {align}: use auto, none or a width such as 256")
     result, chosen, candidates = plan_with_alignment(model, statsdir, cfg, progress=progress)
-    return Planned(result, chosen, statsdir / "aligned-256" if chosen is not model else statsdir, candidates)
+    return Planned(result, chosen, aligned_statsdir(statsdir) if chosen is not model else statsdir, candidates)

@@ -21,6 +21,7 @@ GGUF's own vocabulary, so calibration and evaluation see the same tokens.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -425,10 +426,20 @@ def save_fisher(fisher: Mapping[str, FisherStats], path: str | Path) -> Path:
     return Path(path)
 
 
-def load_fisher(statsdir: str | Path) -> dict[str, FisherStats]:
+def _fisher_path(statsdir: str | Path) -> Path:
     path = Path(statsdir) / CalibrationFiles.FISHER
     if not path.is_file():
         raise CalibrationError(f"{statsdir}: no {CalibrationFiles.FISHER} (made by an older windq); run `windq calibrate` again")
+    return path
+
+
+def fisher_sha256(statsdir: str | Path) -> str:
+    """The Fisher file's hash, part of the tables' cache key."""
+    return hashlib.sha256(_fisher_path(statsdir).read_bytes()).hexdigest()
+
+
+def load_fisher(statsdir: str | Path) -> dict[str, FisherStats]:
+    path = _fisher_path(statsdir)
     parts: dict[str, dict[str, np.ndarray]] = {}
     for key, value in load_arrays(path).items():
         tensor, part = key.split("|")

@@ -107,14 +107,15 @@ def run(
     budgets: list[float],
     *,
     rivals: int = 10,
-    objective: str = "kl",
+    objectives: tuple[str, ...] = ("kl",),
     exclude_source: bool = False,
     tokens: int = 2048,
     seed: int = 0,
     threads: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[FidelityResult]:
-    """Fidelity of the planner's objective at each budget, on `tokens` judge tokens."""
+    """Fidelity of each objective at each budget (objective by objective), on `tokens` judge
+    tokens; one judge serves them all, so its reference logits and quantized weights are made once."""
     from pathlib import Path
 
     from windq.keys import CalibrationFiles
@@ -129,11 +130,13 @@ def run(
     bar = (lambda stage: (lambda d, t: progress(stage, d, t))) if progress else (lambda stage: None)
     tables = load_tables(model, statsdir, im.data, im.sha256(), threads=threads, progress=bar("tables"))
     allowed = allowed_types(model, tables, PlanConfig(bpw=0.0, exclude_source=exclude_source))
-    p = allocate.build_problem(model, tables, allowed=allowed, objective=objective)
-    for b in budgets:
-        p.check_budget(b)  # every budget refused before the torch model is built
+    problems = {o: allocate.build_problem(model, tables, allowed=allowed, objective=o) for o in objectives}
+    for p in problems.values():
+        for b in budgets:
+            p.check_budget(b)  # every budget and objective refused before the torch model is built
     judge = RealLoss(model, im.data, judge_sequences(load_judge_tokens(statsdir), tokens))
     return [
-        measure(p, b, judge.kl, rivals=rivals, objective=objective, seed=seed, tokens=judge.n_tokens, progress=bar(f"{b:g} bits"))
+        measure(p, b, judge.kl, rivals=rivals, objective=o, seed=seed, tokens=judge.n_tokens, progress=bar(f"{o} {b:g} bits"))
+        for o, p in problems.items()
         for b in budgets
     ]

@@ -14,7 +14,7 @@ from windq.errors import BudgetError, CalibrationError, InputError
 from windq.models.gguf_model import GGUFModel
 from windq.pipeline import allocate
 from windq.keys import CalibrationFiles
-from windq.pipeline.calibrate import load_activation_stats, load_fisher, load_judge_tokens
+from windq.pipeline.calibrate import fisher_sha256 as calibrate_fisher_sha256, load_activation_stats, load_fisher, load_judge_tokens
 from windq.pipeline.imatrix import load_imatrix
 from windq.plan import Plan, make_plan
 from windq.pipeline.sensitivity import Tables, load_or_compute
@@ -155,20 +155,14 @@ def _check_stats(model: GGUFModel, statsdir: Path) -> None:
         raise CalibrationError(f"{statsdir} was calibrated on {meta.get('model')}, not {model.path.name}; calibrate this model")
 
 
-def tables_path(model: GGUFModel, statsdir: Path, imatrix_sha256: str, group: int | None = 256) -> Path:
-    """Where the calibration folder caches its tables: keyed by model, imatrix and Fisher."""
+def tables_path(
+    model: GGUFModel, statsdir: Path, imatrix_sha256: str, group: int | None = 256, fisher_sha256: str | None = None
+) -> Path:
+    """Where the calibration folder caches its tables: keyed by model, imatrix and Fisher (hashed
+    here unless the caller has its hash)."""
     from windq.pipeline.sensitivity import cache_path
 
-    return cache_path(model, imatrix_sha256, statsdir, group=group, fisher_sha256=_fisher_sha256(statsdir))
-
-
-def _fisher_sha256(statsdir: Path) -> str:
-    import hashlib
-
-    path = Path(statsdir) / CalibrationFiles.FISHER
-    if not path.is_file():
-        raise CalibrationError(f"{statsdir}: no {CalibrationFiles.FISHER} (made by an older windq); run `windq calibrate` again")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return cache_path(model, imatrix_sha256, statsdir, group=group, fisher_sha256=fisher_sha256 or calibrate_fisher_sha256(statsdir))
 
 
 def load_tables(
@@ -178,13 +172,14 @@ def load_tables(
     """The calibration folder's cached tables (proxy and predicted KL), built on first use; the
     Fisher is parsed only then."""
     statsdir = Path(statsdir)
-    path = tables_path(model, statsdir, imatrix_sha256, group)
+    fisher_sha = calibrate_fisher_sha256(statsdir)
+    path = tables_path(model, statsdir, imatrix_sha256, group, fisher_sha)
     if path.is_file():
         return Tables.load(path)
     meta = json.loads((statsdir / CalibrationFiles.META).read_text())
     return load_or_compute(
         model, imatrix, statsdir, group=group, imatrix_sha256=imatrix_sha256, threads=threads, progress=progress,
-        fisher=load_fisher(statsdir), tokens_per_sequence=int(meta["ctx"]), fisher_sha256=_fisher_sha256(statsdir),
+        fisher=load_fisher(statsdir), tokens_per_sequence=int(meta["ctx"]), fisher_sha256=fisher_sha,
     )  # fmt: skip
 
 

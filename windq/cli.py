@@ -287,11 +287,8 @@ def fidelity_cmd(model, stats, budgets, objectives, rivals, tokens, exclude_sour
     def progress(stage, done, total):
         bars.setdefault(stage, _progress(stage, unit={"tables": "job"}.get(stage, "plan")))(done, total)
 
-    rows = []
-    for o in objs:
-        for r in fidelity.run(src, stats, bpws, rivals=rivals, objective=o, exclude_source=exclude_source, tokens=tokens, seed=seed,
-                              threads=threads or None, progress=lambda st, d, t, o=o: progress(f"{o} {st}", d, t)):  # fmt: skip
-            rows.append(r)
+    rows = fidelity.run(src, stats, bpws, rivals=rivals, objectives=tuple(objs), exclude_source=exclude_source, tokens=tokens, seed=seed,
+                        threads=threads or None, progress=progress)  # fmt: skip
     if as_json:
         click.echo(json.dumps([{
             "bpw": r.bpw, "objective": r.objective, "spearman": r.spearman, "optimum_rank": r.optimum_rank, "plans": len(r.real),
