@@ -133,6 +133,7 @@ def align_gguf(model: GGUFModel, out: str | Path, to: int = 256) -> AlignReport:
         Keys.Align.REAL_WEIGHTS: (model.n_real_weights, gguf.GGUFValueType.UINT64),
         Keys.Align.ORIGINAL_WIDTH: (g.n_embd, gguf.GGUFValueType.UINT32),
     }
+    source_types = [f"{name}={model.source_type(name)}" for name in tensors]
     out = Path(out)
     with atomic_output(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
@@ -144,6 +145,7 @@ def align_gguf(model: GGUFModel, out: str | Path, to: int = 256) -> AlignReport:
             w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
         for key, (value, vtype) in new_kv.items():
             w.add_key_value(key, value, vtype)
+        w.add_array(Keys.Align.SOURCE_TYPES, source_types)
         for name, t in tensors.items():
             w.add_tensor(name, t)
         w.write_header_to_file()

@@ -64,15 +64,33 @@ def kind_name(kind: gguf.MODEL_TENSOR) -> str:
     return gguf.TENSOR_NAMES[kind].removeprefix("blk.{bid}.")
 
 
+# llama.cpp's rule (tensor_allows_quantization in src/llama-quant.cpp, as llama-cpp-python 0.3.36
+# vendors it): a tensor of 2 or 3 dimensions whose name ends in "weight" is quantized, except these,
+# which it copies as they are. Norms include the per-head Q/K norms of Qwen3 and Gemma 3 and Gemma's
+# post-attention and post-FFN norms (all 1-D as well); its extra list for one architecture
+# (GLM5-next) is left out, as windq does not run it.
+_KEPT_IF_NAME_HAS = (
+    "_norm.weight",  # norms
+    "ffn_gate_inp.weight",  # MoE routers
+    "ffn_gate_tid2eid.weight",  # a token-id → expert-id table
+    "altup", "laurel", "per_layer_model_proj",  # Gemma 3n's small tensors
+    "ssm_conv1d", "shortconv.conv.weight",  # Mamba's and LFM2's small convolutions
+    "indexer.k_proj.weight", "indexer.q_proj.weight",  # MiniMax's indexer
+)  # fmt: skip
+_KEPT_NAMES = tuple(gguf.TENSOR_NAMES[k] + ".weight" for k in (gguf.MODEL_TENSOR.POS_EMBD, gguf.MODEL_TENSOR.TOKEN_TYPES))
+
+
 def is_quantizable(t: TensorInfo) -> bool:
     """The tensors llama.cpp's quantizer may change (tensor_allows_quantization in llama-quant.cpp).
 
     Only these appear in a plan; the rest (norms, 1-D tensors) are copied as they are and counted
     in the bits as they are.
     """
-    if len(t.shape) < 2 or not t.name.endswith("weight"):
+    # ggml_n_dims: trailing dimensions of 1 do not count, so an (n, 1) tensor is 1-D to llama.cpp
+    n_dims = max((i + 1 for i, d in enumerate(t.shape) if d > 1), default=1)
+    if n_dims < 2 or not t.name.endswith("weight") or t.name in _KEPT_NAMES:
         return False
-    return "_norm.weight" not in t.name and "ffn_gate_inp.weight" not in t.name
+    return not any(part in t.name for part in _KEPT_IF_NAME_HAS)
 
 
 def check_gguf(path: str | Path) -> Path:
@@ -137,6 +155,16 @@ class GGUFModel:
     @property
     def is_aligned(self) -> bool:
         return self.reader.get_field(Keys.Align.REAL_WEIGHTS) is not None
+
+    @functools.cached_property
+    def _source_types(self) -> dict[str, str]:
+        entries = self.field(Keys.Align.SOURCE_TYPES) or []
+        return dict(e.split("=", 1) for e in entries)
+
+    def source_type(self, name: str) -> str:
+        """The ggml type `name` had in the model this file was made from: its own type, or for an
+        aligned twin (all F32) the type in the unaligned source, which a plan can reproduce exactly."""
+        return self._source_types.get(name, self._tensors[name].type_name)
 
     def zero_padded(self, name: str) -> bool:
         """Whether a tensor's padding zeros must survive quantization exactly. Only token_embd's do:

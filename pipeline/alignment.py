@@ -21,7 +21,7 @@ from windq.export.quantize import export_gguf
 from windq.export.scoring import evaluate_chunks
 from windq.models.align import aligned_geometry, align_gguf, geometry
 from windq.models.gguf_model import GGUFModel
-from windq.keys import CalibrationFiles
+from windq.keys import CalibrationFiles, Keys
 from windq.pipeline.calibrate import load_judge_tokens, pad_calibration
 from windq.pipeline.imatrix import load_imatrix, read_imatrix
 from windq.plan import Plan
@@ -52,8 +52,8 @@ def aligned_workspace(model: GGUFModel, statsdir: str | Path, to: int = 256) -> 
     work = aligned_statsdir(statsdir, to)
     path = work / ALIGNED_MODEL_FILE
     meta = work / CalibrationFiles.META
-    if not path.is_file():
-        align_gguf(model, path, to)
+    if not path.is_file() or GGUFModel(path).field(Keys.Align.SOURCE_TYPES) is None:
+        align_gguf(model, path, to)  # new, or made before twins recorded their source's types
     aligned = GGUFModel(path)
     source_sha = read_imatrix(statsdir / CalibrationFiles.IMATRIX).sha256()
     if not meta.is_file() or json.loads(meta.read_text()).get("padded_from_imatrix_sha256") != source_sha:

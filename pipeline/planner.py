@@ -298,7 +298,7 @@ def allowed_types(model: GGUFModel, tables: Tables, cfg: PlanConfig) -> tuple[st
     if not cfg.exclude_source:
         return cfg.types
     pool = set(cfg.types) if cfg.types else {t for table in tables.tensors.values() for t in table.types}
-    source = {model.tensors[n].type_name for n in tables.tensors}
+    source = {model.source_type(n) for n in tables.tensors}
     return tuple(sorted(pool - source))
 
 

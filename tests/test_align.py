@@ -113,3 +113,25 @@ def test_other_architectures_are_refused(tmp_path):
     r = windq("align", tmp_path / "gpt2.gguf", "-o", tmp_path / "out.gguf")
     assert_one_line_error(r, "alignment is supported for llama", "gpt2")
     assert not (tmp_path / "out.gguf").exists()
+
+
+
+def test_aligned_twin_keeps_its_sources_types_for_exclude_source(odd, tmp_path):
+    """The twin is all F32, but a plan giving a tensor the type it had in the source reproduces it at
+    (nearly) zero error, so --exclude-source on the twin must exclude the source's types, not F32."""
+    from types import SimpleNamespace
+
+    from helpers import stock_quantize
+    from windq.pipeline.planner import PlanConfig, allowed_types
+
+    src, _ = odd
+    q = stock_quantize(src, tmp_path / "q5.gguf", "Q5_0")
+    twin = GGUFModel(align_gguf(q, tmp_path / "twin.gguf").path)
+    for name, info in q.tensors.items():
+        assert twin.source_type(name) == info.type_name
+    planned = [t.name for t in twin.quantizable()]
+    assert all(twin.tensors[n].type_name == "F32" for n in planned)
+    assert any(q.tensors[n].type_name == "Q5_0" for n in planned)
+    tables = SimpleNamespace(tensors={n: SimpleNamespace(types=("F32", "Q5_0", "Q8_0", "Q4_K")) for n in planned})
+    allowed = allowed_types(twin, tables, PlanConfig(bpw=5.0, exclude_source=True))
+    assert "Q5_0" not in allowed and "Q8_0" in allowed and "F32" in allowed

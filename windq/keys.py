@@ -7,6 +7,10 @@ class Keys:
         # weights that are not alignment padding: bits per weight count only these
         REAL_WEIGHTS = "windq.align.real_weights"
         ORIGINAL_WIDTH = "windq.align.original_embedding_length"
+        # "tensor=TYPE" for every tensor of the source: the padded twin is F32, but a plan that gives
+        # a tensor its source's type still gets it at (nearly) zero error, so --exclude-source must
+        # know the source's types, not the twin's
+        SOURCE_TYPES = "windq.align.source_types"
 
 
 class CalibrationFiles:
