@@ -27,10 +27,10 @@ from windq.files import atomic_write_text
 from windq.models.gguf_model import GGUFModel
 from windq.pipeline import allocate
 
-# llama.cpp's mixes a plan is verified against: every K, IQ and legacy mix llama-quantize offers
-# from 2 to 8.5 bits (the bench's STOCK_MIXES is a subset, chosen for plot readability); the budget
-# decides which of them fit
-STOCK_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
+# llama.cpp's mixes a plan is verified against: llama-quantize's K and IQ mixes from IQ1_S to Q6_K and
+# its Q4_0, Q5_0 and Q8_0 (the bench's STOCK_MIXES is a subset, chosen for plot readability); the
+# budget decides which of them fit. The IQ1 and Q2_K_S mixes are the only rivals at the lowest budgets.
+STOCK_MIXES = ("IQ1_S", "IQ1_M", "Q2_K_S", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
                "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_S", "IQ3_M", "IQ4_XS", "IQ4_NL", "Q4_0", "Q5_0", "Q8_0")  # fmt: skip
 
 

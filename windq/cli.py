@@ -157,7 +157,7 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, fisher_chunks: i
 @click.option("--exclude-source", is_flag=True, help="Never plan a tensor in its source type (llama.cpp copies those error-free: a gift a user quantising from F16 does not get).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Measure the plan's real KL on held-in judge tokens against the best uniform plan and every llama.cpp mix that fits; keep the best.")
-@click.option("--verify-mixes", help="Comma-separated llama.cpp mixes to verify against (default: all 21 from Q2_K to Q8_0).")
+@click.option("--verify-mixes", help="Comma-separated llama.cpp mixes to verify against (default: all 24 that llama-quantize offers, IQ1_S to Q8_0).")
 @click.option("--granularity", default="tensor", show_default=True, help="`tensor`, or `chunk:G` (G = 128, 256, 512 columns) projected to one type per tensor for export.")
 @click.option("--types", help="Comma-separated ggml types to allow (default: every legal one).")
 @click.option("--seed", default=0, show_default=True, help="Seed for ppo and random.")
@@ -315,7 +315,7 @@ def fidelity_cmd(model, stats, budgets, objectives, rivals, tokens, exclude_sour
 @click.option("--exclude-source", is_flag=True, help="Never plan a tensor in its source type.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Measure the plan against the best uniform plan and llama.cpp's mixes on held-in tokens; keep the best.")
-@click.option("--verify-mixes", help="Comma-separated llama.cpp mixes to verify against (default: all 21 from Q2_K to Q8_0).")
+@click.option("--verify-mixes", help="Comma-separated llama.cpp mixes to verify against (default: all 24 that llama-quantize offers, IQ1_S to Q8_0).")
 @click.option("--verify-tokens", default=2048, show_default=True, help="Held-in judge tokens the verification measures on.")
 @click.option("--align", "align", type=AlignWidth("auto", "none"), default="auto", show_default=True, help="As `windq plan --align`.")
 @click.option("--save-plan", type=click.Path(dir_okay=False), help="Also write the plan.json.")
