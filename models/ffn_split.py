@@ -1,0 +1,152 @@
+"""FFN split: an exact rewrite of a llama-family GGUF in which every feed-forward block is two
+neuron groups, so that the two groups can be stored in two different ggml types.
+
+A SwiGLU block is a sum over its neurons: neuron j owns row j of ffn_gate and ffn_up and column j
+of ffn_down, so its neurons can be permuted, and cut into two groups whose outputs add, without
+changing the function. A GGUF tensor has one type, so to give the groups two types they must be
+two tensors that stock llama.cpp adds up. Its `granitemoe` architecture does exactly that (read in
+the llama.cpp source llama-cpp-python 0.3.36 vendors, src/models/granite.cpp, build_layer_ffn):
+
+    ffn_out = build_moe_ffn(x, router, up_exps, gate_exps, down_exps, …, SOFTMAX gating, norm_w)
+            + build_ffn(x, up_shexp, gate_shexp, down_shexp, SILU, PAR)
+
+- the shared expert (`ffn_*_shexp`) is an ordinary SwiGLU block: the first group;
+- with one routed expert (expert_count = expert_used_count = 1) the softmax over one logit is
+  exactly 1, weight normalisation divides by that 1, and expert_weights_scale is not read by
+  granitemoe (0: no scaling), so the routed expert's output enters unscaled: the second group.
+  The router's weights are never used for anything else; they are written as zeros;
+- everything else is the llama graph: RMS norms, rotary embedding of type NORM (llama's, so the
+  GGUF's permuted Q/K rows are read the same way), attention scale 1/sqrt(head_dim) when
+  attention.scale is absent, no residual or embedding scale when those keys are absent, and the
+  logits divided by logit_scale, a required key, written as 1.0.
+
+llama.cpp reads the routed and shared widths as one value each for the whole model
+(feed_forward_length, expert_shared_feed_forward_length), so every layer is split at the same
+point; which neurons fall on each side is free per layer (`order`). Weights are written as F32,
+the source's exact dequantization, ready for `windq export`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import gguf
+import numpy as np
+
+from windq.errors import InputError, UnsupportedModelError
+from windq.files import atomic_output
+from windq.models.gguf_model import GGUFModel, tensor_kind
+
+K = gguf.MODEL_TENSOR
+SUPPORTED = ("llama",)
+TARGET = gguf.MODEL_ARCH.GRANITE_MOE
+
+# source FFN kind → (target kind of the first, salient group; of the second group)
+_SPLIT = {
+    K.FFN_GATE: (K.FFN_GATE_SHEXP, K.FFN_GATE_EXP),
+    K.FFN_UP: (K.FFN_UP_SHEXP, K.FFN_UP_EXP),
+    K.FFN_DOWN: (K.FFN_DOWN_SHEXP, K.FFN_DOWN_EXP),
+}
+
+
+@dataclass(frozen=True)
+class SplitReport:
+    path: Path
+    n_ff: int  # the source's feed-forward width
+    salient: int  # neurons in the first group (the shared expert), in every layer
+
+
+def _name(kind: gguf.MODEL_TENSOR, layer: int) -> str:
+    return gguf.TENSOR_NAMES[kind].format(bid=layer) + ".weight"
+
+
+def _layer(name: str) -> int:
+    return int(name.split(".")[1])
+
+
+def split_ffn_gguf(model: GGUFModel, out: str | Path, salient: int, order: Mapping[int, np.ndarray] | None = None) -> SplitReport:
+    """Write `model` as granitemoe: in layer i, neurons order[i][:salient] form the first group (in
+    that order), the rest the second. `order` defaults to the neurons' own order."""
+    if model.architecture not in SUPPORTED:
+        raise UnsupportedModelError(f"{model.path.name}: the FFN split is for {', '.join(SUPPORTED)} models, not {model.architecture!r}")
+    arch = model.architecture
+    n_ff = int(model.arch_field("{arch}.feed_forward_length"))
+    if not 0 < salient < n_ff:
+        raise InputError(f"salient width {salient}: must be between 1 and {n_ff - 1} (the FFN is {n_ff} wide)")
+    order = dict(order or {})
+
+    def perm(layer: int) -> np.ndarray:
+        p = np.asarray(order.get(layer, np.arange(n_ff)), dtype=np.int64)
+        if not np.array_equal(np.sort(p), np.arange(n_ff)):
+            raise InputError(f"layer {layer}: the neuron order is not a permutation of 0..{n_ff - 1}")
+        return p
+
+    tensors: dict[str, np.ndarray] = {}
+    for name, info in model.tensors.items():
+        kind = tensor_kind(name)
+        w = model.dequantized(name) if len(info.shape) > 1 else np.asarray(model.raw(name), dtype=np.float32)
+        if kind not in _SPLIT:
+            if kind is None or kind not in gguf.MODEL_TENSORS[TARGET]:
+                raise UnsupportedModelError(f"{model.path.name}: tensor {name} has no place in llama.cpp's {gguf.MODEL_ARCH_NAMES[TARGET]}")
+            tensors[name] = w
+            continue
+        layer = _layer(name)
+        p = perm(layer)
+        first, second = (p[:salient], p[salient:])
+        shared, routed = _SPLIT[kind]
+        # gate/up: a neuron is a row; down: a neuron is a column (its input)
+        pick = (lambda idx: w[idx, :]) if kind != K.FFN_DOWN else (lambda idx: w[:, idx])
+        tensors[_name(shared, layer)] = np.ascontiguousarray(pick(first))
+        tensors[_name(routed, layer)] = np.ascontiguousarray(pick(second))[None]  # one expert: (1, rows, cols)
+        if kind == K.FFN_GATE:
+            n_embd = w.shape[1]
+            tensors[_name(K.FFN_GATE_INP, layer)] = np.zeros((1, n_embd), dtype=np.float32)  # the router of one expert
+
+    target = gguf.MODEL_ARCH_NAMES[TARGET]
+    new_kv = {
+        f"{target}.feed_forward_length": (n_ff - salient, gguf.GGUFValueType.UINT32),
+        f"{target}.expert_shared_feed_forward_length": (salient, gguf.GGUFValueType.UINT32),
+        f"{target}.expert_count": (1, gguf.GGUFValueType.UINT32),
+        f"{target}.expert_used_count": (1, gguf.GGUFValueType.UINT32),
+        f"{target}.logit_scale": (1.0, gguf.GGUFValueType.FLOAT32),
+        gguf.Keys.General.FILE_TYPE: (int(gguf.LlamaFileType.ALL_F32), gguf.GGUFValueType.UINT32),
+    }
+    out = Path(out)
+    with atomic_output(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), target)
+        for field in model.reader.fields.values():
+            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+                continue
+            key = target + field.name[len(arch) :] if field.name.startswith(arch + ".") else field.name
+            if key in new_kv:
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        for key, (value, vtype) in new_kv.items():
+            w.add_key_value(key, value, vtype)
+        for name, t in tensors.items():
+            w.add_tensor(name, t)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return SplitReport(out, n_ff, salient)
+
+
+def neuron_order(model: GGUFModel, imatrix: Mapping[str, np.ndarray]) -> dict[int, np.ndarray]:
+    """Per layer, the FFN's neurons from most to least salient: neuron j's expected squared
+    contribution to the block's output, E[h_j²]·‖W_down[:, j]‖², with E[h_j²] the imatrix of
+    ffn_down's input column j (the activation that multiplies that column). Ties keep index order."""
+    order: dict[int, np.ndarray] = {}
+    for name in model.tensors:
+        if tensor_kind(name) != K.FFN_DOWN:
+            continue
+        if name not in imatrix:
+            raise InputError(f"the imatrix has no {name}: neurons cannot be ranked without it")
+        w = model.dequantized(name)  # (n_embd, n_ff): a neuron is a column
+        saliency = np.asarray(imatrix[name], dtype=np.float64) * np.einsum("ij,ij->j", w, w, dtype=np.float64)
+        order[_layer(name)] = np.argsort(-saliency, kind="stable")
+    return order
