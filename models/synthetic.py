@@ -19,13 +19,22 @@ from windq.errors import InputError
 
 @dataclass(frozen=True)
 class Flavour:
-    """What sets one family's GGUF apart from llama's, as llama.cpp's converter writes it."""
+    """What sets one family's GGUF apart from llama's, as llama.cpp's converter writes it. Which
+    norms a layer holds is not here: it is gguf-py's list of the architecture's tensors
+    (`MODEL_TENSORS`: per-head Q/K norms for qwen3 and gemma3, post-attention and post-FFN norms for
+    gemma2 and gemma3)."""
 
     arch: gguf.MODEL_ARCH  # general.architecture: the graph llama.cpp runs
     name: str  # general.name
     qkv_bias: bool = False  # q, k and v projections carry biases (1-D F32 tensors, never quantized)
     head_dim: int | None = None  # a head width stated apart from n_embd / n_head (key_length, value_length)
     rope_freq_base: float = 10000.0
+    n_layer: int = 2  # layers unless the config says otherwise: enough to hold every kind of layer
+    tied: bool = False  # the converter never writes output.weight (Gemma: the head is the embedding)
+    sliding_window: int | None = None  # attention.sliding_window, for the layers llama.cpp makes local
+    attn_softcap: float | None = None  # attn_logit_softcapping
+    final_softcap: float | None = None  # final_logit_softcapping
+    fused: bool = False  # one attn_qkv (Q, K, V rows stacked) and one ffn_up (gate rows, then up rows)
 
 
 FLAVOURS = {
@@ -37,12 +46,32 @@ FLAVOURS = {
     # tells it apart by general.name alone (exactly "mistral"), the trap windq's loader must get
     # past. A head width apart from n_embd / n_head is the layout of Mistral Nemo and Small.
     "mistral": Flavour(gguf.MODEL_ARCH.LLAMA, "mistral", head_dim=128, rope_freq_base=1e6),
+    # Qwen3: an RMSNorm over each head of Q and of K before the rotation, no biases, NEOX rotary;
+    # head width 128 as in every Qwen3 (0.6B to 32B), apart from n_embd / n_head.
+    "qwen3": Flavour(gguf.MODEL_ARCH.QWEN3, "windq-synthetic-qwen3", head_dim=128, rope_freq_base=1e6),
+    # Gemma 3: per-head Q/K norms, post-attention and post-FFN norms, GELU, embeddings scaled by
+    # √n_embd, a tied head, the head width stated (64 here, where every real Gemma but 27B has 256:
+    # transformers' default, which windq must not rely on); five local (sliding-window, rotary base
+    # 10000) layers to one global layer (the file's rotary base), so six layers hold both kinds. A
+    # window of 16 makes the 64-token logit check see it.
+    "gemma3": Flavour(
+        gguf.MODEL_ARCH.GEMMA3, "windq-synthetic-gemma3", head_dim=64, rope_freq_base=1e6, n_layer=6, tied=True,
+        sliding_window=16,
+    ),  # fmt: skip
+    # Gemma 2: post norms and a tied head as Gemma 3's, no Q/K norms, local and global layers
+    # alternating, and tanh soft-capping of attention scores and logits. The caps are smaller
+    # than the real 50 and 30, so that they bite on a tiny model and a loader that took its own
+    # defaults instead of the file's would show.
+    "gemma2": Flavour(
+        gguf.MODEL_ARCH.GEMMA2, "windq-synthetic-gemma2", head_dim=64, tied=True, sliding_window=16,
+        attn_softcap=10.0, final_softcap=5.0,
+    ),  # fmt: skip
 }
 
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    n_layer: int = 2
+    n_layer: int | None = None  # None: the flavour's
     n_embd: int = 256
     n_ff: int = 512
     n_head: int = 4
@@ -58,6 +87,10 @@ class SyntheticConfig:
         if self.architecture not in FLAVOURS:
             raise InputError(f"no synthetic model for architecture {self.architecture!r} (there are: {', '.join(FLAVOURS)})")
         return FLAVOURS[self.architecture]
+
+    @property
+    def layers(self) -> int:
+        return self.n_layer or self.flavour.n_layer
 
     @property
     def head_dim(self) -> int:
@@ -97,9 +130,14 @@ def write_synthetic_gguf(path: str | Path, cfg: SyntheticConfig = SyntheticConfi
             raise InputError(f"gguf-py has no {kind.name} in {gguf.MODEL_ARCH_NAMES[flavour.arch]}")
         w.add_tensor(_name(kind, layer, suffix), data)
 
+    def norm(n: int) -> np.ndarray:
+        # the scale llama.cpp multiplies by: Gemma's converter has already added the 1 that
+        # transformers' Gemma RMSNorm adds at run time (its tensor processor takes it off again)
+        return rng.uniform(0.5, 1.5, n).astype(np.float32)
+
     w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[flavour.arch])
     w.add_name(flavour.name)
-    w.add_block_count(cfg.n_layer)
+    w.add_block_count(cfg.layers)
     w.add_context_length(cfg.n_ctx)
     w.add_embedding_length(cfg.n_embd)
     w.add_feed_forward_length(cfg.n_ff)
@@ -111,6 +149,12 @@ def write_synthetic_gguf(path: str | Path, cfg: SyntheticConfig = SyntheticConfi
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_rope_freq_base(flavour.rope_freq_base)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
+    if flavour.sliding_window is not None:
+        w.add_sliding_window(flavour.sliding_window)
+    if flavour.attn_softcap is not None:
+        w.add_attn_logit_softcapping(flavour.attn_softcap)
+    if flavour.final_softcap is not None:
+        w.add_final_logit_softcapping(flavour.final_softcap)
     w.add_vocab_size(n_vocab)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("llama")
@@ -125,22 +169,36 @@ def write_synthetic_gguf(path: str | Path, cfg: SyntheticConfig = SyntheticConfi
 
     add(M.TOKEN_EMBD, linear(n_vocab, cfg.n_embd))
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
-    for i in range(cfg.n_layer):
+    ffn_norm = M.FFN_NORM if M.FFN_NORM in kinds else M.FFN_PRE_NORM  # one name, blk.N.ffn_norm; gemma's is "pre"
+    for i in range(cfg.layers):
         add(M.ATTN_NORM, np.ones(cfg.n_embd, dtype=np.float32), i)
-        add(M.ATTN_Q, linear(q, cfg.n_embd), i)
-        add(M.ATTN_K, linear(kv, cfg.n_embd), i)
-        add(M.ATTN_V, linear(kv, cfg.n_embd), i)
+        if flavour.fused:
+            add(M.ATTN_QKV, linear(q + 2 * kv, cfg.n_embd), i)
+        else:
+            add(M.ATTN_Q, linear(q, cfg.n_embd), i)
+            add(M.ATTN_K, linear(kv, cfg.n_embd), i)
+            add(M.ATTN_V, linear(kv, cfg.n_embd), i)
         if flavour.qkv_bias:
             # large enough that a loader which dropped them would change every logit
             for kind, rows in ((M.ATTN_Q, q), (M.ATTN_K, kv), (M.ATTN_V, kv)):
                 add(kind, rng.standard_normal(rows).astype(np.float32), i, ".bias")
+        if M.ATTN_Q_NORM in kinds:  # one scale per channel of a head, shared by all heads
+            add(M.ATTN_Q_NORM, norm(cfg.head_dim), i)
+            add(M.ATTN_K_NORM, norm(cfg.head_dim), i)
         add(M.ATTN_OUT, linear(cfg.n_embd, q), i)
-        add(M.FFN_NORM, np.ones(cfg.n_embd, dtype=np.float32), i)
-        add(M.FFN_GATE, linear(cfg.n_ff, cfg.n_embd), i)
-        add(M.FFN_UP, linear(cfg.n_ff, cfg.n_embd), i)
+        if M.ATTN_POST_NORM in kinds:
+            add(M.ATTN_POST_NORM, norm(cfg.n_embd), i)
+        add(ffn_norm, np.ones(cfg.n_embd, dtype=np.float32), i)
+        if flavour.fused:
+            add(M.FFN_UP, linear(2 * cfg.n_ff, cfg.n_embd), i)
+        else:
+            add(M.FFN_GATE, linear(cfg.n_ff, cfg.n_embd), i)
+            add(M.FFN_UP, linear(cfg.n_ff, cfg.n_embd), i)
         add(M.FFN_DOWN, linear(cfg.n_embd, cfg.n_ff), i)
+        if M.FFN_POST_NORM in kinds:
+            add(M.FFN_POST_NORM, norm(cfg.n_embd), i)
     add(M.OUTPUT_NORM, np.ones(cfg.n_embd, dtype=np.float32))
-    if not cfg.tied:
+    if not (cfg.tied or flavour.tied):
         add(M.OUTPUT, linear(n_vocab, cfg.n_embd))
 
     w.write_header_to_file()

@@ -64,6 +64,9 @@ ARCHITECTURES = {
     for a in (
         Architecture("llama", "llama", ("Llama", "Mistral")),
         Architecture("qwen2", "qwen2", ("Qwen2", "Qwen2.5")),
+        Architecture("qwen3", "qwen3", ("Qwen3",)),
+        Architecture("gemma3", "gemma3_text", ("Gemma 3",)),
+        Architecture("gemma2", "gemma2", ("Gemma 2",)),
     )
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
@@ -130,6 +133,21 @@ class Calibration:
         )
 
 
+# GGUF keys (under the architecture's prefix) that llama.cpp's graph reads and transformers' GGUF
+# config table does not, for some architectures, each with the transformers config attribute it
+# sets where that config has one. Without them transformers takes its own defaults, which are the
+# real checkpoints' values only by luck (Qwen3's head width of 128, Gemma's 256, Gemma 2's caps of
+# 50 and 30). llama.cpp scales Gemma's queries by 1/√key_length, as transformers does by
+# 1/√query_pre_attn_scalar; at 27B it uses √(n_embd / n_head) instead, chosen by the layer count,
+# which no key says and windq does not copy (Gemma 2/3 27B untested).
+LLAMA_CPP_CONFIG = (
+    ("attention.key_length", "head_dim"),
+    ("attention.key_length", "query_pre_attn_scalar"),
+    ("attn_logit_softcapping", "attn_logit_softcapping"),
+    ("final_logit_softcapping", "final_logit_softcapping"),
+)
+
+
 def load_torch_model(model: GGUFModel):
     """The GGUF as a float32 transformers model (dequantized by gguf-py inside transformers), checked
     to hold every tensor of the file and nothing that is not in it."""
@@ -147,6 +165,13 @@ def load_torch_model(model: GGUFModel):
             # llama.cpp picks its graph by general.architecture alone, and so does windq.
             kept = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
             config = AutoConfig.for_model(arch.model_type, **kept)
+        for key, attr in LLAMA_CPP_CONFIG:
+            value = model.arch_field("{arch}." + key)
+            if value is not None and hasattr(config, attr):
+                setattr(config, attr, value)
+        if hasattr(config, "head_dim") and model.arch_field("{arch}.attention.key_length") is None:
+            # llama.cpp's head width when the file states none; transformers' default may differ (Qwen3's is 128)
+            config.head_dim = config.hidden_size // config.num_attention_heads
         m = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, config=config, dtype=torch.float32)
     m.eval()
     parameter_tensors(model, m)  # refuses a file and a model that do not hold the same weights
@@ -190,7 +215,9 @@ def torch_threads(n: int) -> Iterator[None]:
 def weight_processor(model: GGUFModel, torch_model):
     """transformers' tensor processor for the model's architecture, the one its GGUF loader ran:
     `.process(weights, name).weights` turns a GGUF tensor into the torch parameter (llama's undoes
-    llama.cpp's rotary permutation of Q and K rows; qwen2's, the default one, changes nothing)."""
+    llama.cpp's rotary permutation of Q and K rows; Gemma's takes off the 1 that llama.cpp's
+    converter added to every norm, never to a planned tensor; qwen2's and qwen3's, the default one,
+    change nothing)."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     # keyed by general.architecture, as transformers' loader keys it; its config is the model's
