@@ -145,7 +145,7 @@ def align_gguf(model: GGUFModel, out: str | Path, to: int = 256) -> AlignReport:
             w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
         for key, (value, vtype) in new_kv.items():
             w.add_key_value(key, value, vtype)
-        w.add_array(Keys.Align.SOURCE_TYPES, source_types)
+        w.add_array(Keys.Twin.SOURCE_TYPES, source_types)
         for name, t in tensors.items():
             w.add_tensor(name, t)
         w.write_header_to_file()

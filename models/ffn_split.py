@@ -37,6 +37,7 @@ import numpy as np
 
 from windq.errors import InputError, UnsupportedModelError
 from windq.files import atomic_output
+from windq.keys import Keys
 from windq.models.gguf_model import GGUFModel, tensor_kind
 
 K = gguf.MODEL_TENSOR
@@ -49,6 +50,7 @@ _SPLIT = {
     K.FFN_UP: (K.FFN_UP_SHEXP, K.FFN_UP_EXP),
     K.FFN_DOWN: (K.FFN_DOWN_SHEXP, K.FFN_DOWN_EXP),
 }
+_ROUTED = {routed for _, routed in _SPLIT.values()}
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,23 @@ class SplitReport:
     path: Path
     n_ff: int  # the source's feed-forward width
     salient: int  # neurons in the first group (the shared expert), in every layer
+
+
+@dataclass(frozen=True)
+class Part:
+    """A tensor of the split model as a slice of a source tensor: the source's rows `rows` (or all)
+    and columns `cols` (or all), in that order."""
+
+    source: str
+    rows: np.ndarray | None
+    cols: np.ndarray | None
+
+    def take(self, w: np.ndarray) -> np.ndarray:
+        if self.rows is not None:
+            w = w[self.rows, :]
+        if self.cols is not None:
+            w = w[:, self.cols]
+        return np.ascontiguousarray(w)
 
 
 def _name(kind: gguf.MODEL_TENSOR, layer: int) -> str:
@@ -66,6 +85,39 @@ def _layer(name: str) -> int:
     return int(name.split(".")[1])
 
 
+def split_parts(source_ffn: list[str], salient: int, order: Mapping[int, np.ndarray]) -> dict[str, Part]:
+    """Every FFN tensor of the split model, from the source FFN tensors `source_ffn`: gate and up
+    rows, and down columns, are neurons; the first `salient` of each layer's order form the shared
+    expert, the rest the routed one."""
+    parts: dict[str, Part] = {}
+    for name in source_ffn:
+        kind, layer = tensor_kind(name), _layer(name)
+        first, second = order[layer][:salient], order[layer][salient:]
+        shared, routed = _SPLIT[kind]
+        if kind == K.FFN_DOWN:  # a neuron is a column: its input
+            parts[_name(shared, layer)], parts[_name(routed, layer)] = Part(name, None, first), Part(name, None, second)
+        else:  # a neuron is a row
+            parts[_name(shared, layer)], parts[_name(routed, layer)] = Part(name, first, None), Part(name, second, None)
+    return parts
+
+
+def read_split(model: GGUFModel) -> tuple[int, dict[int, np.ndarray]]:
+    """(salient width, per-layer neuron order) recorded in a split model."""
+    salient = model.field(Keys.Split.SALIENT)
+    if salient is None:
+        raise InputError(f"{model.path.name}: not a model written by `windq split` (no {Keys.Split.SALIENT})")
+    n_layer = int(model.arch_field("{arch}.block_count"))
+    return int(salient), {i: np.asarray(model.field(Keys.Split.NEURONS.format(layer=i)), dtype=np.int64) for i in range(n_layer)}
+
+
+def source_parts(model: GGUFModel) -> dict[str, Part]:
+    """The split model's FFN tensors as slices of the source's, from what the file records."""
+    salient, order = read_split(model)
+    n_layer = len(order)
+    source_ffn = [_name(k, i) for i in range(n_layer) for k in _SPLIT]
+    return split_parts(source_ffn, salient, order)
+
+
 def split_ffn_gguf(model: GGUFModel, out: str | Path, salient: int, order: Mapping[int, np.ndarray] | None = None) -> SplitReport:
     """Write `model` as granitemoe: in layer i, neurons order[i][:salient] form the first group (in
     that order), the rest the second. `order` defaults to the neurons' own order."""
@@ -73,36 +125,29 @@ def split_ffn_gguf(model: GGUFModel, out: str | Path, salient: int, order: Mappi
         raise UnsupportedModelError(f"{model.path.name}: the FFN split is for {', '.join(SUPPORTED)} models, not {model.architecture!r}")
     arch = model.architecture
     n_ff = int(model.arch_field("{arch}.feed_forward_length"))
+    n_layer = int(model.arch_field("{arch}.block_count"))
     if not 0 < salient < n_ff:
         raise InputError(f"salient width {salient}: must be between 1 and {n_ff - 1} (the FFN is {n_ff} wide)")
-    order = dict(order or {})
-
-    def perm(layer: int) -> np.ndarray:
-        p = np.asarray(order.get(layer, np.arange(n_ff)), dtype=np.int64)
+    order = {i: np.asarray((order or {}).get(i, np.arange(n_ff)), dtype=np.int64) for i in range(n_layer)}
+    for i, p in order.items():
         if not np.array_equal(np.sort(p), np.arange(n_ff)):
-            raise InputError(f"layer {layer}: the neuron order is not a permutation of 0..{n_ff - 1}")
-        return p
+            raise InputError(f"layer {i}: the neuron order is not a permutation of 0..{n_ff - 1}")
 
+    ffn = [n for n in model.tensors if tensor_kind(n) in _SPLIT]
+    parts = split_parts(ffn, salient, order)
     tensors: dict[str, np.ndarray] = {}
     for name, info in model.tensors.items():
         kind = tensor_kind(name)
-        w = model.dequantized(name) if len(info.shape) > 1 else np.asarray(model.raw(name), dtype=np.float32)
-        if kind not in _SPLIT:
-            if kind is None or kind not in gguf.MODEL_TENSORS[TARGET]:
-                raise UnsupportedModelError(f"{model.path.name}: tensor {name} has no place in llama.cpp's {gguf.MODEL_ARCH_NAMES[TARGET]}")
-            tensors[name] = w
+        if kind in _SPLIT:
             continue
-        layer = _layer(name)
-        p = perm(layer)
-        first, second = (p[:salient], p[salient:])
-        shared, routed = _SPLIT[kind]
-        # gate/up: a neuron is a row; down: a neuron is a column (its input)
-        pick = (lambda idx: w[idx, :]) if kind != K.FFN_DOWN else (lambda idx: w[:, idx])
-        tensors[_name(shared, layer)] = np.ascontiguousarray(pick(first))
-        tensors[_name(routed, layer)] = np.ascontiguousarray(pick(second))[None]  # one expert: (1, rows, cols)
-        if kind == K.FFN_GATE:
-            n_embd = w.shape[1]
-            tensors[_name(K.FFN_GATE_INP, layer)] = np.zeros((1, n_embd), dtype=np.float32)  # the router of one expert
+        if kind is None or kind not in gguf.MODEL_TENSORS[TARGET]:
+            raise UnsupportedModelError(f"{model.path.name}: tensor {name} has no place in llama.cpp's {gguf.MODEL_ARCH_NAMES[TARGET]}")
+        tensors[name] = model.dequantized(name) if len(info.shape) > 1 else np.asarray(model.raw(name), dtype=np.float32)
+        if kind == K.FFN_NORM:  # the router of one expert sits beside it: never used, so zeros
+            tensors[_name(K.FFN_GATE_INP, _layer(name))] = np.zeros((1, info.shape[0]), dtype=np.float32)
+    for name, part in parts.items():
+        w = part.take(model.dequantized(part.source))
+        tensors[name] = w[None] if tensor_kind(name) in _ROUTED else w  # the routed expert: (1, rows, cols)
 
     target = gguf.MODEL_ARCH_NAMES[TARGET]
     new_kv = {
@@ -112,7 +157,9 @@ def split_ffn_gguf(model: GGUFModel, out: str | Path, salient: int, order: Mappi
         f"{target}.expert_used_count": (1, gguf.GGUFValueType.UINT32),
         f"{target}.logit_scale": (1.0, gguf.GGUFValueType.FLOAT32),
         gguf.Keys.General.FILE_TYPE: (int(gguf.LlamaFileType.ALL_F32), gguf.GGUFValueType.UINT32),
+        Keys.Split.SALIENT: (salient, gguf.GGUFValueType.UINT32),
     }
+    source_types = [f"{n}={model.source_type(parts[n].source if n in parts else n)}" for n in tensors if n in parts or n in model.tensors]
     out = Path(out)
     with atomic_output(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), target)
@@ -120,13 +167,16 @@ def split_ffn_gguf(model: GGUFModel, out: str | Path, salient: int, order: Mappi
             if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
                 continue
             key = target + field.name[len(arch) :] if field.name.startswith(arch + ".") else field.name
-            if key in new_kv:
+            if key in new_kv or key == Keys.Twin.SOURCE_TYPES:
                 continue
             vtype = field.types[0]
             sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
             w.add_key_value(key, field.contents(), vtype, sub_type=sub)
         for key, (value, vtype) in new_kv.items():
             w.add_key_value(key, value, vtype)
+        for i in range(n_layer):
+            w.add_array(Keys.Split.NEURONS.format(layer=i), [int(j) for j in order[i]])
+        w.add_array(Keys.Twin.SOURCE_TYPES, source_types)
         for name, t in tensors.items():
             w.add_tensor(name, t)
         w.write_header_to_file()

@@ -158,7 +158,7 @@ class GGUFModel:
 
     @functools.cached_property
     def _source_types(self) -> dict[str, str]:
-        entries = self.field(Keys.Align.SOURCE_TYPES) or []
+        entries = self.field(Keys.Twin.SOURCE_TYPES) or []
         return dict(e.split("=", 1) for e in entries)
 
     def source_type(self, name: str) -> str:

@@ -52,7 +52,7 @@ def aligned_workspace(model: GGUFModel, statsdir: str | Path, to: int = 256) -> 
     work = aligned_statsdir(statsdir, to)
     path = work / ALIGNED_MODEL_FILE
     meta = work / CalibrationFiles.META
-    if not path.is_file() or GGUFModel(path).field(Keys.Align.SOURCE_TYPES) is None:
+    if not path.is_file() or GGUFModel(path).field(Keys.Twin.SOURCE_TYPES) is None:
         align_gguf(model, path, to)  # new, or made before twins recorded their source's types
     aligned = GGUFModel(path)
     source_sha = read_imatrix(statsdir / CalibrationFiles.IMATRIX).sha256()

@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from windq.errors import BudgetError, CalibrationError, InputError
+from windq.errors import BudgetError, CalibrationError, InputError, UnsupportedModelError
 from windq.models.gguf_model import GGUFModel
 from windq.pipeline import allocate
 from windq.keys import CalibrationFiles
@@ -198,6 +198,14 @@ def run_planner(
     if cfg.method not in METHODS:
         raise InputError(f"--method {cfg.method}: use one of {', '.join(METHODS)}")
     _check_stats(model, statsdir)
+    if cfg.verify or (cfg.method == "ppo" and cfg.real_loss_tokens):
+        from windq.pipeline.calibrate import ARCHITECTURES
+
+        if model.architecture not in ARCHITECTURES:  # before minutes of tables, not after
+            raise UnsupportedModelError(
+                f"{model.path.name}: the verification and PPO's real loss measure plans in torch, which windq does not "
+                f"run for {model.architecture!r} (an FFN-split model is one); plan it with --no-verify (ppo: --real-loss-tokens 0)"
+            )
     # a policy file is refused before any table is built, and read as data only
     policy = None
     if cfg.method == "ppo" and cfg.policy:

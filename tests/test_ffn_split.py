@@ -101,3 +101,69 @@ def test_default_model_split_is_exact_at_f32(default_gguf, sample_text, tmp_path
     got = evaluate(report.path, sample_text, ctx=256, max_chunks=4, ref_path=f32.path)
     assert got.ppl == pytest.approx(ref.ppl, rel=1e-4)
     assert got.kld < 1e-5
+
+
+@pytest.fixture(scope="module")
+def split_workspace_(synthetic_gguf, synthetic_stats, tmp_path_factory):
+    from windq.pipeline.split import split_workspace
+
+    return split_workspace(GGUFModel(synthetic_gguf), synthetic_stats, 256, tmp_path_factory.mktemp("ws"))
+
+
+def test_split_calibration_is_the_sources_sliced(synthetic_gguf, synthetic_stats, split_workspace_):
+    """Each split tensor's imatrix, activation statistics and Fisher are its source tensor's, sliced
+    as its weights were; the split model records where each neuron came from."""
+    from windq.models.ffn_split import read_split
+    from windq.pipeline.calibrate import load_activation_stats, load_fisher
+    from windq.pipeline.imatrix import load_imatrix
+
+    report, stats = split_workspace_
+    src, m = GGUFModel(synthetic_gguf), GGUFModel(report.path)
+    salient, order = read_split(m)
+    im_src = load_imatrix(synthetic_stats / "imatrix.gguf", src).data
+    assert salient == 256 and np.array_equal(order[0], neuron_order(src, im_src)[0])
+    im = load_imatrix(stats / "imatrix.gguf", m).data  # also checks every row length against the split model
+    f_src, f = load_fisher(synthetic_stats), load_fisher(stats)
+    a_src, a = load_activation_stats(synthetic_stats), load_activation_stats(stats)
+    for layer, p in order.items():
+        down, gate = f"blk.{layer}.ffn_down.weight", f"blk.{layer}.ffn_gate.weight"
+        for part, idx in (("shexp", p[:256]), ("exps", p[256:])):
+            d, g = f"blk.{layer}.ffn_down_{part}.weight", f"blk.{layer}.ffn_gate_{part}.weight"
+            assert np.array_equal(im[d], im_src[down][idx]) and np.array_equal(im[g], im_src[gate])
+            assert np.array_equal(a[d]["abs_max"], a_src[down]["abs_max"][idx])
+            assert np.array_equal(f[d].cols, f_src[down].cols[idx]) and np.array_equal(f[d].rows, f_src[down].rows)
+            assert np.array_equal(f[g].rows, f_src[gate].rows[idx]) and np.array_equal(f[g].cols, f_src[gate].cols)
+    assert np.array_equal(im["blk.0.attn_q.weight"], im_src["blk.0.attn_q.weight"])
+
+
+def test_split_model_plans_exports_and_refuses_verification(split_workspace_, tmp_path):
+    """The planner plans the split model under a budget, each group its own type, and export writes
+    exactly that; the torch verification, which cannot run granitemoe, is refused before any work."""
+    from windq.errors import UnsupportedModelError
+    from windq.pipeline.planner import PlanConfig, run_planner
+
+    report, stats = split_workspace_
+    m = GGUFModel(report.path)
+    with pytest.raises(UnsupportedModelError, match="--no-verify"):
+        run_planner(m, stats, PlanConfig(bpw=5.0, verify=True))
+    with pytest.raises(UnsupportedModelError, match="real-loss-tokens 0"):
+        run_planner(m, stats, PlanConfig(bpw=5.0, method="ppo"))
+    res = run_planner(m, stats, PlanConfig(bpw=4.5, verify=False))
+    assert res.plan.achieved_bpw <= 4.5
+    from windq.pipeline.imatrix import load_imatrix
+
+    imatrix = load_imatrix(stats / "imatrix.gguf", m).data  # what llama.cpp's quantizer reads for the experts
+    written = export_gguf(m, res.plan, tmp_path / "planned.gguf", imatrix=imatrix).path
+    assert {n: GGUFModel(written).tensors[n].type_name for n in res.plan.tensors} == dict(res.plan.tensors)
+
+
+def test_split_cli(synthetic_gguf, synthetic_stats, tmp_path):
+    from helpers import assert_one_line_error, windq
+
+    r = windq("split", synthetic_gguf, "--stats", synthetic_stats, "--salient", 256, "--out", tmp_path / "s")
+    assert r.returncode == 0, r.stderr
+    assert "256 salient + 256 others" in r.stdout
+    assert (tmp_path / "s" / "model.gguf").is_file() and (tmp_path / "s" / "stats" / "imatrix.gguf").is_file()
+    bad = windq("split", synthetic_gguf, "--stats", synthetic_stats, "--salient", 512, "--out", tmp_path / "t")
+    assert_one_line_error(bad, "salient width 512")
+    assert not (tmp_path / "t" / "model.gguf").exists()

@@ -403,6 +403,30 @@ def align_cmd(model: str, to: int, out: str) -> None:
     )
 
 
+@main.command("split", epilog=EPILOG_MODEL)
+@click.argument("model")
+@click.option("--stats", required=True, type=click.Path(file_okay=False), help="MODEL's folder from `windq calibrate`: ranks the neurons, and is sliced into the split model's.")
+@click.option("--salient", required=True, type=click.IntRange(min=1), help="Neurons per FFN in the first group (each layer's most salient). Keep both groups multiples of 256 so K and IQ types stay legal.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for model.gguf (the split model, F32) and stats/ (its calibration).")
+def split_cmd(model: str, stats: str, salient: int, out: str) -> None:
+    """Rewrite MODEL so every feed-forward block is two neuron groups that can carry two types.
+
+    Llama family only. The file is llama.cpp's granitemoe architecture: each FFN's most salient
+    neurons (by E[h²]·‖W_down[:, j]‖² on the calibration) become a shared expert, the rest one
+    routed expert whose gate weight is exactly 1, so stock llama.cpp computes the same function.
+    Plan it like any model: `windq plan OUT/model.gguf --stats OUT/stats --align none --no-verify`
+    (the verification runs models in torch, which windq cannot do for this layout).
+    """
+    from windq.models.gguf_model import GGUFModel
+    from windq.pipeline.split import split_workspace
+
+    report, statsdir = split_workspace(GGUFModel(_model_path(model)), stats, salient, out)
+    click.echo(
+        f"split: each FFN's {report.n_ff} neurons → {report.salient} salient + {report.n_ff - report.salient} others; "
+        f"{report.path} with its calibration in {statsdir}"
+    )
+
+
 @main.command("convert")
 @click.argument("hf_dir", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="GGUF file to write (atomically).")

@@ -7,10 +7,17 @@ class Keys:
         # weights that are not alignment padding: bits per weight count only these
         REAL_WEIGHTS = "windq.align.real_weights"
         ORIGINAL_WIDTH = "windq.align.original_embedding_length"
-        # "tensor=TYPE" for every tensor of the source: the padded twin is F32, but a plan that gives
-        # a tensor its source's type still gets it at (nearly) zero error, so --exclude-source must
-        # know the source's types, not the twin's
-        SOURCE_TYPES = "windq.align.source_types"
+
+    class Twin:
+        # "tensor=TYPE" for every tensor of a rewritten model (aligned, FFN-split), the type its data
+        # had in the source: the twin is F32, but a plan that gives a tensor its source's type can
+        # reproduce it at (nearly) zero error, so --exclude-source must know the source's types
+        SOURCE_TYPES = "windq.twin.source_types"
+
+    class Split:
+        SALIENT = "windq.split.salient"  # neurons in each FFN's first group (the shared expert)
+        # per layer, the source FFN's neuron indices in the order the split model holds them
+        NEURONS = "windq.split.neurons.{layer}"
 
 
 class CalibrationFiles:
