@@ -55,6 +55,27 @@ class BenchConfig:
 METHOD_MODIFIERS = ("verify", "exclude")
 
 
+def split_width(variant: str) -> int | None:
+    """The salient width of a `split:N` variant (the FFN-split model, #21), None for another variant."""
+    from windq.errors import InputError
+
+    if not variant.startswith("split:"):
+        if variant not in ("unaligned", "aligned"):
+            raise InputError(f"bench variant {variant!r}: use unaligned, aligned or split:N (N salient neurons per FFN)")
+        return None
+    n = variant.removeprefix("split:")
+    if not n.isdigit() or int(n) <= 0:
+        raise InputError(f"bench variant {variant!r}: split:N takes a positive number of salient neurons")
+    return int(n)
+
+
+def runs_on(variant: str, method: str) -> bool:
+    """Whether a method can plan a variant: the verification and PPO's real loss run the model in
+    torch, which windq does not do for the split layout (those pairs are listed as not run)."""
+    name, _, mods = parse_method(method)
+    return split_width(variant) is None or ("verify" not in mods and name != "ppo")
+
+
 def parse_method(method: str) -> tuple[str, str, tuple[str, ...]]:
     """(allocator, granularity, modifiers) of a bench method such as `knapsack+verify+exclude`."""
     from windq.errors import InputError
@@ -296,7 +317,9 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
     from windq.models.tokenizer import token_chunks
 
     for method in cfg.methods:
-        parse_method(method)  # a bad method is refused before anything is built
+        parse_method(method)  # a bad method or variant is refused before anything is built
+    for variant in cfg.variants:
+        split_width(variant)
     say = progress or (lambda _msg: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -350,6 +373,7 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
     from windq.pipeline.calibrate import CalibrationConfig, calibrate, pad_calibration, save_calibration
     from windq.pipeline.imatrix import load_imatrix
     from windq.pipeline.planner import PlanConfig, load_tables, run_planner, tables_path
+    from windq.pipeline.split import SPLIT_MODEL_FILE, SPLIT_STATS, split_workspace
 
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "gguf").mkdir(exist_ok=True)
@@ -368,6 +392,15 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
         models["aligned"] = GGUFModel(aligned_path)
         if not (stats["aligned"] / CalibrationFiles.IMATRIX).exists():
             pad_calibration(stats["unaligned"], stats["aligned"], models["aligned"])
+    for variant in cfg.variants:
+        salient = split_width(variant)
+        if salient is None:
+            continue
+        work = out / f"split-{salient}"
+        if not (work / SPLIT_STATS / CalibrationFiles.META).exists():  # the last file split_workspace writes
+            say(f"split {salient}")
+            timer(f"split ({salient})", split_workspace, src, stats["unaligned"], salient, work)
+        models[variant], stats[variant] = GGUFModel(work / SPLIT_MODEL_FILE), work / SPLIT_STATS
 
     def cached(key: str, make: Callable[[], Built]) -> Built:
         path = out / "results" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
@@ -391,7 +424,9 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
         if cfg.budgets and cfg.methods and not tables_path(m, stats[variant], im.sha256()).is_file():
             say(f"sensitivity tables {variant}")
             timer(f"tables ({variant})", load_tables, m, stats[variant], im.data, im.sha256(), threads=cfg.threads)
-        for mix in cfg.mixes:
+        # llama.cpp's mixes are rivals of the source's layouts; on the split layout they would be
+        # its MoE rules applied to a model it does not know is dense
+        for mix in cfg.mixes if split_width(variant) is None else ():
             def stock(mix=mix, m=m, im=im, variant=variant) -> Built:
                 say(f"quantize {variant} {mix}")
                 path = out / "gguf" / f"{variant}-stock-{mix}.gguf"
@@ -401,7 +436,7 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
 
             built.append(cached(f"{base}|stock|{mix}", stock))
         for budget in cfg.budgets:
-            for method in cfg.methods:
+            for method in (m for m in cfg.methods if runs_on(variant, m)):
                 name, gran, mods = parse_method(method)
                 def plan_and_export(name=name, gran=gran, mods=mods, budget=budget, m=m, im=im, variant=variant, method=method) -> Built:
                     say(f"plan {variant} {method} {budget}")
@@ -443,7 +478,7 @@ def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer) -> dict:
     stock = [r for r in ok if r.method.startswith("llama.cpp:")]
     n_scored = max((r.n_scored for r in ok), default=0)  # evaluated in lockstep: the same tokens for every file
     lines = [
-        f"{cfg.model} and its aligned twin; held-out `{cfg.text}` text, {n_scored:,} scored tokens per file "
+        f"{cfg.model} ({', '.join(cfg.variants)}); held-out `{cfg.text}` text, {n_scored:,} scored tokens per file "
         "(512-token chunks, second half scored); KLD against the source. Every file is scored on the "
         "same tokens, so differences between files are less noisy than each PPL's standard error.",
         "",
@@ -458,6 +493,22 @@ def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer) -> dict:
     unreachable = [f"{r.variant} {r.method} @ {r.budget:g}" for r in rows if r.seconds.get("unreachable")]
     if unreachable:
         lines.append(f"\nUnreachable budgets (refused by the planner): {', '.join(unreachable)}")
+    not_run = [f"{v} {m}" for v in cfg.variants for m in cfg.methods if not runs_on(v, m)]
+    if not_run:
+        lines.append(f"\nNot run (the verification and PPO's real loss need torch, which the split layout does not run in): {', '.join(not_run)}")
+
+    # the FFN split (#21) against the same method's dense plan at the same budget
+    pairs = [(r, d) for r in ok if split_width(r.variant) for d in ok
+             if d.variant == "unaligned" and d.method == r.method and d.budget == r.budget]  # fmt: skip
+    if pairs:
+        lines += ["", "FFN split against the dense file of the same method and budget (unaligned):", "",
+                  "| variant | method | budget | split: MB, KLD, PPL | dense: MB, KLD, PPL | KLD split ÷ dense | gen tok/s split ÷ dense |",
+                  "|---|---|---:|---|---|---:|---:|"]  # fmt: skip
+        for r, d in sorted(pairs, key=lambda p: (p[0].variant, p[0].method, p[0].budget)):
+            lines.append(
+                f"| {r.variant} | {r.method} | {r.budget:g} | {r.size_mb:.2f}, {r.kld:.4f}, {r.ppl:.3f} | {d.size_mb:.2f}, {d.kld:.4f}, {d.ppl:.3f} "
+                f"| {r.kld / d.kld:.3f} | {r.gen_tok_s / d.gen_tok_s:.3f} |"
+            )
 
     # the verified choices: what each +verify plan was measured against on held-in tokens
     verified = [r for r in ok if r.held_in]

@@ -117,3 +117,32 @@ def test_judge_pairs_match_candidates_to_bench_files_by_exact_size():
     verified = row("knapsack+verify", 4.99, 0.05, cands)
     rows = [verified, row("uniform", 4.507, 0.16), row("llama.cpp:IQ2_M", 4.984, 0.38), row("llama.cpp:Q8_0", 8.5, 0.006)]
     assert judge_pairs(verified, rows) == [(0.02, 0.05), (0.17, 0.16), (0.4, 0.38)]  # Q2_K was not a bench file
+
+
+def test_bench_variants_are_checked():
+    from windq.evaluators.bench import runs_on, split_width
+
+    assert split_width("unaligned") is None and split_width("split:512") == 512
+    for bad in ("split:", "split:x", "split:0", "twisted"):
+        with pytest.raises(InputError, match="bench variant"):
+            split_width(bad)
+    assert runs_on("split:256", "knapsack+exclude") and runs_on("aligned", "ppo")
+    assert not runs_on("split:256", "knapsack+verify") and not runs_on("split:256", "ppo@chunk:256")
+
+
+@pytest.mark.slow  # a long end-to-end run through llama.cpp
+def test_bench_runs_the_ffn_split_beside_the_dense_plans(synthetic_gguf, tmp_path):
+    """A split:N variant is planned, exported and evaluated like the others, set beside the dense file
+    of the same method and budget; stock mixes and the torch-only methods are not run on it, and say so."""
+    from windq.evaluators.bench import BenchConfig
+
+    cfg = BenchConfig(model=str(synthetic_gguf), budgets=(5.0,), methods=("knapsack", "knapsack+verify"), mixes=("Q8_0",),
+                      variants=("unaligned", "split:256"), calib_tokens=1024, chunks=2, ppo_episodes=1, speed_tokens=8)  # fmt: skip
+    result = run_bench(cfg, tmp_path)
+    got = {(r["variant"], r["method"]) for r in result["rows"]}
+    assert got == {("unaligned", "llama.cpp:Q8_0"), ("unaligned", "knapsack"), ("unaligned", "knapsack+verify"), ("split:256", "knapsack")}
+    split = next(r for r in result["rows"] if r["variant"] == "split:256")
+    assert split["bpw"] <= 5.0 + 1e-9 and split["kld"] >= 0 and split["gen_tok_s"] > 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "Not run (" in md and "split:256 knapsack+verify" in md
+    assert "| split:256 | knapsack | 5 |" in md  # the split-against-dense table

@@ -537,7 +537,7 @@ def eval_cmd(model: str, ref: str | None, text: str, ctx: int, chunks: int, thre
 @click.option("--budgets", help="Comma-separated bits-per-weight budgets (default 3.0 … 5.5 in steps of 0.5).")
 @click.option("--methods", help="Comma-separated windq methods NAME[@chunk:G][+verify][+exclude], e.g. uniform,knapsack+verify,uniform+exclude,knapsack@chunk:256 (+verify: the verified choice; +exclude: source type never planned).")
 @click.option("--mixes", help="Comma-separated llama.cpp mixes (default: Q2_K … Q8_0, eleven of them).")
-@click.option("--variants", help="unaligned,aligned (default both).")
+@click.option("--variants", help="unaligned, aligned, split:N (the FFN-split model, N salient neurons per FFN; no stock mixes, no +verify or ppo); default unaligned,aligned.")
 @click.option("--chunks", type=int, help="512-token held-out chunks per evaluation (default 128: 32,640 scored tokens).")
 def bench_cmd(model, out, quick, budgets, methods, mixes, variants, chunks) -> None:
     """Quality versus size, and cost, of windq's plans against llama.cpp's stock mixes.
