@@ -39,6 +39,7 @@ class PlanConfig:
     verify: bool = False  # (`windq plan` turns it on) measure the plan against the best uniform plan and llama.cpp's mixes; keep the best
     verify_tokens: int = 2048  # judge tokens the verification measures on (8 sequences of 256)
     verify_mixes: tuple[str, ...] | None = None  # llama.cpp mixes the verification tries (None: verify.STOCK_MIXES)
+    sample_rows: int | None = None  # tables from about this many rows of each larger tensor (None: every row)
 
     @property
     def group(self) -> int | None:
@@ -156,30 +157,33 @@ def _check_stats(model: GGUFModel, statsdir: Path) -> None:
 
 
 def tables_path(
-    model: GGUFModel, statsdir: Path, imatrix_sha256: str, group: int | None = 256, fisher_sha256: str | None = None
-) -> Path:
+    model: GGUFModel, statsdir: Path, imatrix_sha256: str, group: int | None = 256, fisher_sha256: str | None = None,
+    sample_rows: int | None = None,
+) -> Path:  # fmt: skip
     """Where the calibration folder caches its tables: keyed by model, imatrix and Fisher (hashed
-    here unless the caller has its hash)."""
+    here unless the caller has its hash), and the row sampling."""
     from windq.pipeline.sensitivity import cache_path
 
-    return cache_path(model, imatrix_sha256, statsdir, group=group, fisher_sha256=fisher_sha256 or calibrate_fisher_sha256(statsdir))
+    return cache_path(
+        model, imatrix_sha256, statsdir, group=group, fisher_sha256=fisher_sha256 or calibrate_fisher_sha256(statsdir), sample_rows=sample_rows
+    )
 
 
 def load_tables(
     model: GGUFModel, statsdir: Path, imatrix: dict[str, np.ndarray], imatrix_sha256: str, *, group: int | None = 256,
-    threads: int | None = None, progress: Callable[[int, int], None] | None = None,
+    threads: int | None = None, progress: Callable[[int, int], None] | None = None, sample_rows: int | None = None,
 ) -> Tables:  # fmt: skip
     """The calibration folder's cached tables (proxy and predicted KL), built on first use; the
     Fisher is parsed only then."""
     statsdir = Path(statsdir)
     fisher_sha = calibrate_fisher_sha256(statsdir)
-    path = tables_path(model, statsdir, imatrix_sha256, group, fisher_sha)
+    path = tables_path(model, statsdir, imatrix_sha256, group, fisher_sha, sample_rows)
     if path.is_file():
         return Tables.load(path)
     meta = json.loads((statsdir / CalibrationFiles.META).read_text())
     return load_or_compute(
         model, imatrix, statsdir, group=group, imatrix_sha256=imatrix_sha256, threads=threads, progress=progress,
-        fisher=load_fisher(statsdir), tokens_per_sequence=int(meta["ctx"]), fisher_sha256=fisher_sha,
+        fisher=load_fisher(statsdir), tokens_per_sequence=int(meta["ctx"]), fisher_sha256=fisher_sha, sample_rows=sample_rows,
     )  # fmt: skip
 
 
@@ -220,7 +224,9 @@ def run_planner(
 
     group = cfg.group
     # tensor plans read whole-tensor sums from the G=256 tables, so both granularities share one cache
-    tables = load_tables(model, statsdir, data, im.sha256(), group=group or 256, threads=cfg.threads, progress=bar("tables"))
+    tables = load_tables(
+        model, statsdir, data, im.sha256(), group=group or 256, threads=cfg.threads, progress=bar("tables"), sample_rows=cfg.sample_rows
+    )
     allowed = allowed_types(model, tables, cfg)
     tp = allocate.build_problem(model, tables, granularity="tensor", allowed=allowed, objective=cfg.objective)
     budget = tp.check_budget(cfg.bpw)
@@ -255,6 +261,7 @@ def run_planner(
         "predicted_error": tp.error_of(tchoice),
         "allowed_types": list(allowed) if allowed else None,
         "source_type_excluded": cfg.exclude_source,
+        "tables_sample_rows": cfg.sample_rows,  # None: tables from every row
     }
     candidates = None
     if cfg.verify:

@@ -25,7 +25,15 @@ the table bit-exact with the export:
   with an imatrix scale their search by a whole-row statistic, so a chunk's error is its share of
   the whole-row quantization, which is exactly what a one-type-per-tensor GGUF contains.
 
-Tables are cached on disk, keyed by model hash, imatrix hash, G and the type list.
+Row sampling (`sample_rows`, for models whose tables would take hours): ggml quantizes every row
+on its own, so a row's error is the same whether or not its neighbours are quantized, and a
+tensor's error is a sum over rows that a sample can estimate. Rows are sorted by a cheap predictor
+of their error (Σ_j m_j W_ij², times the Fisher's row weight r_i); the few rows at the top are
+taken whole, and every k-th of the others from a seeded random start (systematic sampling over
+the sorted order, so every stratum of small and large rows is represented), each counting for
+k. Bytes are exact whatever the sample. `evaluators/table_sampling.py` measures the estimate against the full computation.
+
+Tables are cached on disk, keyed by model hash, imatrix hash, G, the type list and the sampling.
 """
 
 from __future__ import annotations
@@ -144,10 +152,17 @@ def _chunk_bytes(total: int, cols: np.ndarray) -> np.ndarray:
     return np.diff(edges).astype(np.int64)
 
 
-def _column_error(w: np.ndarray, q: np.ndarray, importance: np.ndarray, row_weight: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per column: Σ_i d_ij² · m_j (the proxy), and Σ_i r_i d_ij² (the Fisher's row-weighted part)."""
+def _column_error(
+    w: np.ndarray, q: np.ndarray, importance: np.ndarray, row_weight: np.ndarray | None, stands_for: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per column: Σ_i s_i d_ij² · m_j (the proxy), and Σ_i s_i r_i d_ij² (the Fisher's row-weighted
+    part), s_i the rows a sampled row stands for (1 without sampling)."""
     d = w - q
-    sq = np.einsum("ij,ij->j", d, d, dtype=np.float64)
+    if stands_for is None:
+        sq = np.einsum("ij,ij->j", d, d, dtype=np.float64)
+    else:
+        sq = np.einsum("i,ij,ij->j", stands_for, d, d, dtype=np.float64)
+        row_weight = None if row_weight is None else row_weight * stands_for
     return sq * importance, None if row_weight is None else np.einsum("i,ij,ij->j", row_weight.astype(np.float64), d, d)
 
 
@@ -163,11 +178,15 @@ def compute_tables(
     only: Collection[str] | None = None,
     fisher: Mapping[str, "FisherStats"] | None = None,
     tokens_per_sequence: int | None = None,
+    sample_rows: int | None = None,
 ) -> Tables:
     """Tables for every quantizable tensor (or the `only` ones) and every legal type (or the `allowed` ones).
 
-    With `fisher` (and the `tokens_per_sequence` it was measured on), the predicted KL too."""
+    With `fisher` (and the `tokens_per_sequence` it was measured on), the predicted KL too. With
+    `sample_rows`, a tensor of more rows than that is estimated from about that many (see above)."""
     check_group(group)
+    if sample_rows is not None and sample_rows <= 0:
+        raise InputError(f"sample rows {sample_rows}: use a positive number of rows, or none to use them all")
     imatrix = dict(imatrix or {})
     if fisher is not None and not tokens_per_sequence:
         raise ValueError("the Fisher's tokens per sequence are needed to predict a per-token KL")
@@ -179,8 +198,16 @@ def compute_tables(
     # Jobs are (tensor, type, row block): ggml quantizes rows independently, so a big tensor's
     # slow types spread over all cores. Largest tensors go first, so no core idles at the end.
     jobs: list[tuple[TensorInfo, registry.QuantType, int, int]] = []
+    picked: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # tensor → (sampled rows, rows each stands for)
     for t in sorted(tensors, key=lambda t: -t.n_elements):
         rows = t.n_elements // t.n_per_row
+        if sample_rows is not None and rows > sample_rows:
+            im = imatrix.get(t.name)
+            picked[t.name] = sample_row_indices(
+                model.dequantized(t.name), im if im is not None else np.ones(t.n_per_row, np.float32),
+                None if fisher is None or t.name not in fisher else fisher[t.name].rows, sample_rows,
+            )  # fmt: skip
+            rows = len(picked[t.name][0])
         step = max(1, _JOB_WEIGHTS // t.n_per_row)
         legal = registry.legal_types(
             t.name, t.n_per_row, has_imatrix=t.name in imatrix, zero_padded=model.zero_padded(t.name), allowed=allowed
@@ -195,7 +222,8 @@ def compute_tables(
     def weights(t: TensorInfo) -> np.ndarray:
         with lock:
             if t.name not in cache:
-                cache[t.name] = model.dequantized(t.name)
+                w = model.dequantized(t.name)
+                cache[t.name] = w[picked[t.name][0]] if t.name in picked else w
             return cache[t.name]
 
     def run(job) -> tuple[str, str, np.ndarray]:
@@ -203,12 +231,16 @@ def compute_tables(
         w = weights(t)[r0:r1]
         im = imatrix.get(t.name)
         importance = im if im is not None else np.full(t.n_per_row, mean_importance, dtype=np.float32)
-        rw = None if fisher is None else fisher[t.name].rows[r0:r1]
+        rw = None
+        if fisher is not None:
+            rw = fisher[t.name].rows[picked[t.name][0]] if t.name in picked else fisher[t.name].rows
+            rw = rw[r0:r1]
+        stands_for = picked[t.name][1][r0:r1] if t.name in picked else None
         if qt.id == t.type_id:
             # llama.cpp copies a tensor already in the planned type
             col, kcol = np.zeros(t.n_per_row), None if rw is None else np.zeros(t.n_per_row)
         else:
-            col, kcol = _column_error(w, ggml.round_trip(qt.id, w, im), importance, rw)
+            col, kcol = _column_error(w, ggml.round_trip(qt.id, w, im), importance, rw, stands_for)
         with lock:
             pending[t.name] -= 1
             if pending[t.name] == 0:
@@ -247,18 +279,45 @@ def compute_tables(
     return Tables(group, model.sha256, imatrix_sha256, out)
 
 
+def sample_row_indices(w: np.ndarray, importance: np.ndarray, row_weight: np.ndarray | None, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`n` of `w`'s rows and what each stands for: the rows a few dominate are taken whole (the top
+    n/8 by Σ_j m_j W_ij² and, with the Fisher, the top n/8 by that × r_i, whose weights are
+    heavy-tailed), the rest systematically from the others sorted by that predictor, each then
+    counting for the rows between it and the next."""
+    energy = np.einsum("ij,ij,j->i", w, w, importance.astype(np.float64), dtype=np.float64)
+    predictor = energy if row_weight is None else energy * row_weight
+    top = max(1, n // 8)
+    certain = np.union1d(np.argsort(-energy, kind="stable")[:top], np.argsort(-predictor, kind="stable")[:top])
+    rest = np.setdiff1d(np.arange(len(w)), certain)
+    m = n - len(certain)
+    if m <= 0 or len(rest) <= m:  # nothing left to estimate: every row, each for itself
+        return np.arange(len(w)), np.ones(len(w))
+    order = rest[np.argsort(predictor[rest], kind="stable")]
+    k = len(order) / m
+    start = np.random.default_rng(seed).uniform(0, k)
+    sampled = order[np.minimum((start + k * np.arange(m)).astype(np.int64), len(order) - 1)]
+    rows = np.concatenate([certain, sampled])
+    weights = np.concatenate([np.ones(len(certain)), np.full(m, k)])
+    keep = np.argsort(rows)
+    return rows[keep], weights[keep]
+
+
 def cache_key(
-    model_sha256: str, imatrix_sha256: str | None, group: int | None, allowed: tuple[str, ...] | None, fisher_sha256: str | None = None
+    model_sha256: str, imatrix_sha256: str | None, group: int | None, allowed: tuple[str, ...] | None, fisher_sha256: str | None = None,
+    sample_rows: int | None = None,
 ) -> str:
-    raw = json.dumps([TABLE_VERSION, model_sha256, imatrix_sha256, group, sorted(allowed) if allowed else None, fisher_sha256])
+    fields = [TABLE_VERSION, model_sha256, imatrix_sha256, group, sorted(allowed) if allowed else None, fisher_sha256]
+    if sample_rows is not None:  # full tables keep the key they always had
+        fields.append({"sample_rows": sample_rows})
+    raw = json.dumps(fields)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
 def cache_path(
     model: GGUFModel, imatrix_sha256: str | None, cache_dir: str | Path, *, group: int | None = 256,
-    allowed: tuple[str, ...] | None = None, fisher_sha256: str | None = None,
+    allowed: tuple[str, ...] | None = None, fisher_sha256: str | None = None, sample_rows: int | None = None,
 ) -> Path:  # fmt: skip
-    key = cache_key(model.sha256, imatrix_sha256, group, allowed, fisher_sha256)
+    key = cache_key(model.sha256, imatrix_sha256, group, allowed, fisher_sha256, sample_rows)
     return Path(cache_dir) / f"sensitivity-{'row' if group is None else f'g{group}'}-{key}.npz"
 
 
@@ -275,13 +334,14 @@ def load_or_compute(
     fisher: Mapping[str, "FisherStats"] | None = None,
     tokens_per_sequence: int | None = None,
     fisher_sha256: str | None = None,
+    sample_rows: int | None = None,
 ) -> Tables:
-    path = cache_path(model, imatrix_sha256, cache_dir, group=group, allowed=allowed, fisher_sha256=fisher_sha256)
+    path = cache_path(model, imatrix_sha256, cache_dir, group=group, allowed=allowed, fisher_sha256=fisher_sha256, sample_rows=sample_rows)
     if path.is_file():
         return Tables.load(path)
     tables = compute_tables(
         model, imatrix, group=group, allowed=allowed, imatrix_sha256=imatrix_sha256, threads=threads, progress=progress,
-        fisher=fisher, tokens_per_sequence=tokens_per_sequence,
+        fisher=fisher, tokens_per_sequence=tokens_per_sequence, sample_rows=sample_rows,
     )  # fmt: skip
     tables.save(path)
     return tables

@@ -158,6 +158,7 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, fisher_chunks: i
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Measure the plan's real KL on held-in judge tokens against the best uniform plan and every llama.cpp mix that fits; keep the best.")
 @click.option("--verify-mixes", help="Comma-separated llama.cpp mixes to verify against (default: all 24 that llama-quantize offers, IQ1_S to Q8_0).")
+@click.option("--sample-rows", type=click.IntRange(min=1), help="Build the sensitivity tables from about N rows of every larger tensor (sorted by predicted error, the top ones whole): for big models; default every row.")
 @click.option("--granularity", default="tensor", show_default=True, help="`tensor`, or `chunk:G` (G = 128, 256, 512 columns) projected to one type per tensor for export.")
 @click.option("--types", help="Comma-separated ggml types to allow (default: every legal one).")
 @click.option("--seed", default=0, show_default=True, help="Seed for ppo and random.")
@@ -170,7 +171,7 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, fisher_chunks: i
               "auto: plan both and keep the one llama.cpp measures closer to the source on held-in calibration tokens.")
 @threads_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="plan.json to write; the allocation map goes beside it as .png.")
-def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, verify_mixes, granularity, types, seed, episodes, policy, save_policy, real_loss_tokens, align, threads, out) -> None:
+def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, verify_mixes, sample_rows, granularity, types, seed, episodes, policy, save_policy, real_loss_tokens, align, threads, out) -> None:
     """Allocate a ggml type to every tensor of MODEL within a bits-per-weight budget.
 
     Needs `windq calibrate MODEL --out STATS` first. Types that cannot be written (row length,
@@ -190,7 +191,7 @@ def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, verif
     cfg = PlanConfig(
         bpw=bpw, method=method, granularity=granularity, types=allowed, seed=seed, episodes=episodes,
         policy=policy, real_loss_tokens=real_loss_tokens, threads=threads or None, objective=objective,
-        exclude_source=exclude_source, verify=verify, verify_mixes=_mixes(verify_mixes),
+        exclude_source=exclude_source, verify=verify, verify_mixes=_mixes(verify_mixes), sample_rows=sample_rows,
     )  # fmt: skip
     bars = {}
 
@@ -317,12 +318,13 @@ def fidelity_cmd(model, stats, budgets, objectives, rivals, tokens, exclude_sour
               help="Measure the plan against the best uniform plan and llama.cpp's mixes on held-in tokens; keep the best.")
 @click.option("--verify-mixes", help="Comma-separated llama.cpp mixes to verify against (default: all 24 that llama-quantize offers, IQ1_S to Q8_0).")
 @click.option("--verify-tokens", default=2048, show_default=True, help="Held-in judge tokens the verification measures on.")
+@click.option("--sample-rows", type=click.IntRange(min=1), help="As `windq plan --sample-rows` (tables from about N rows of each larger tensor).")
 @click.option("--align", "align", type=AlignWidth("auto", "none"), default="auto", show_default=True, help="As `windq plan --align`.")
 @click.option("--save-plan", type=click.Path(dir_okay=False), help="Also write the plan.json.")
 @click.option("--seed", default=0, show_default=True, help="Seed for ppo.")
 @threads_option
 def quantize_cmd(model, size, bpw, out, text, tokens, stats, cache, method, objective, types, exclude_source, verify, verify_mixes,
-                 verify_tokens, align, save_plan, seed, threads) -> None:  # fmt: skip
+                 verify_tokens, sample_rows, align, save_plan, seed, threads) -> None:  # fmt: skip
     """Quantize MODEL to fit a size: calibrate, plan, verify, export and check, in one command.
 
     \b
@@ -352,7 +354,7 @@ def quantize_cmd(model, size, bpw, out, text, tokens, stats, cache, method, obje
     mixes = _mixes(verify_mixes)
     cfg = PlanConfig(
         bpw=0.0, method=method, types=allowed, seed=seed, threads=threads or None, objective=objective,
-        exclude_source=exclude_source, verify=verify, verify_tokens=verify_tokens, verify_mixes=mixes,
+        exclude_source=exclude_source, verify=verify, verify_tokens=verify_tokens, verify_mixes=mixes, sample_rows=sample_rows,
     )  # fmt: skip
     bars = {}
 
