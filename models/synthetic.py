@@ -35,6 +35,7 @@ class Flavour:
     attn_softcap: float | None = None  # attn_logit_softcapping
     final_softcap: float | None = None  # final_logit_softcapping
     fused: bool = False  # one attn_qkv (Q, K, V rows stacked) and one ffn_up (gate rows, then up rows)
+    pad_token: int | None = None  # tokenizer.ggml.padding_token_id, as the converter writes a tokenizer's
 
 
 FLAVOURS = {
@@ -66,6 +67,13 @@ FLAVOURS = {
         gguf.MODEL_ARCH.GEMMA2, "windq-synthetic-gemma2", head_dim=64, tied=True, sliding_window=16,
         attn_softcap=10.0, final_softcap=5.0,
     ),  # fmt: skip
+    # Phi-3: Q, K and V in one attn_qkv and gate and up in one ffn_up, as in transformers' Phi3
+    # (qkv_proj, gate_up_proj), NEOX rotary. The converter writes the sliding window, which
+    # llama.cpp ignores for phi3 (and transformers' GGUF table does not read): 16 here, so the
+    # 64-token logit check would see either side start honouring it. The pad token is written as
+    # Phi-3's GGUFs have one (32000): without it transformers takes 32000, beyond this vocabulary.
+    # Not named "phi3": llama.cpp then looks for Phi-3's <|endoftext|> in the vocabulary.
+    "phi3": Flavour(gguf.MODEL_ARCH.PHI3, "windq-synthetic-phi", fused=True, sliding_window=16, pad_token=0),
 }
 
 
@@ -164,6 +172,8 @@ def write_synthetic_gguf(path: str | Path, cfg: SyntheticConfig = SyntheticConfi
     w.add_unk_token_id(0)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    if flavour.pad_token is not None:
+        w.add_pad_token_id(flavour.pad_token)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
 

@@ -67,6 +67,7 @@ ARCHITECTURES = {
         Architecture("qwen3", "qwen3", ("Qwen3",)),
         Architecture("gemma3", "gemma3_text", ("Gemma 3",)),
         Architecture("gemma2", "gemma2", ("Gemma 2",)),
+        Architecture("phi3", "phi3", ("Phi-3", "Phi-4")),
     )
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)

