@@ -149,10 +149,34 @@ LLAMA_CPP_CONFIG = (
 )
 
 
+def check_rope(model: GGUFModel) -> None:
+    """Refuses the rotary variants llama.cpp runs from GGUF keys that transformers' GGUF loader does
+    not read: scaled RoPE (linear, YaRN, LongRoPE: Gemma 3 4B and up, Qwen2.5 files written with
+    YaRN) and rotation of only part of each head (Phi-4-mini). transformers would run plain RoPE
+    over whole heads, in silence."""
+    import gguf
+
+    f = model.arch_field
+    kind, factor = f(gguf.Keys.Rope.SCALING_TYPE), f(gguf.Keys.Rope.SCALING_FACTOR)
+    if (kind or "none") != "none" or factor not in (None, 0.0, 1.0):
+        raise UnsupportedModelError(
+            f"{model.path.name}: rope scaling ({kind or 'unnamed'}, factor {factor}) is not supported: "
+            "transformers' GGUF loader does not read it"
+        )
+    head = f("{arch}.attention.key_length") or f("{arch}.embedding_length") // f("{arch}.attention.head_count")
+    n_rot = f(gguf.Keys.Rope.DIMENSION_COUNT)
+    if n_rot is not None and n_rot != head:
+        raise UnsupportedModelError(
+            f"{model.path.name}: rotary embedding on {n_rot} of {head} channels per head is not supported: "
+            "transformers' GGUF loader does not read it"
+        )
+
+
 def load_torch_model(model: GGUFModel):
     """The GGUF as a float32 transformers model (dequantized by gguf-py inside transformers), checked
     to hold every tensor of the file and nothing that is not in it."""
     arch = architecture(model)
+    check_rope(model)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -312,6 +312,27 @@ def test_gemma3_270m_is_what_llama_cpp_runs_and_its_source_plan_costs_nothing(ge
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
 
+@pytest.mark.parametrize(
+    "arch, method, write, fragment",
+    [
+        # Gemma 3 4B and up: linear scaling on the global layers
+        ("gemma3", "add_rope_freq_base", lambda w, add, base: (add(w, base), w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR), w.add_rope_scaling_factor(8.0)), "rope scaling (linear, factor 8.0)"),
+        ("qwen2", "add_rope_freq_base", lambda w, add, base: (add(w, base), w.add_rope_scaling_type(gguf.RopeScalingType.YARN), w.add_rope_scaling_factor(4.0)), "rope scaling (yarn, factor 4.0)"),
+        # Phi-4-mini rotates 96 of its 128 channels per head
+        ("phi3", "add_rope_dimension_count", lambda w, add, n: add(w, 48), "rotary embedding on 48 of 64 channels per head"),
+    ],
+)  # fmt: skip
+def test_rotary_variants_transformers_would_not_run_are_refused(arch, method, write, fragment, tmp_path, monkeypatch):
+    """llama.cpp reads them from GGUF keys; transformers' GGUF loader does not, and would run plain
+    RoPE on whole heads in silence."""
+    add = getattr(gguf.GGUFWriter, method)
+    monkeypatch.setattr(gguf.GGUFWriter, method, lambda w, value: write(w, add, value))
+    m = GGUFModel(write_synthetic_gguf(tmp_path / "rope.gguf", SyntheticConfig(architecture=arch)))
+    with pytest.raises(UnsupportedModelError) as e:
+        load_torch_model(m)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.slow  # four commands in child processes
 def test_every_architecture_runs_the_commands_end_to_end(arch_gguf, tmp_path):
     """calibrate → plan (verified) → export → eval, as a user runs them, on each architecture."""
