@@ -25,10 +25,18 @@ class FidelityResult:
     real: np.ndarray  # measured KL for every plan, nats per token
     bits: np.ndarray  # achieved bits per weight of every plan
     tokens: int  # judge tokens measured on
+    halves: np.ndarray | None = None  # (plans, 2): each plan's real KL on either half of the judge's sequences
 
     @property
     def spearman(self) -> float:
         return spearman(self.predicted, self.real)
+
+    @property
+    def judge_split_half(self) -> float:
+        """The judge against itself: Spearman between the plans' KL on one half of its sequences
+        and on the other. Near-optimal plans differ by little, so the judge's own noise bounds how
+        well any objective can appear to rank them on these tokens."""
+        return float("nan") if self.halves is None else spearman(self.halves[:, 0], self.halves[:, 1])
 
     @property
     def optimum_rank(self) -> int:
@@ -76,7 +84,7 @@ def rival_plans(p: allocate.Problem, bpw: float, n: int, *, sigma: float = 0.5, 
 def measure(
     p: allocate.Problem,
     bpw: float,
-    real_loss: Callable[[dict[str, str]], float],
+    real_loss: Callable[[dict[str, str]], np.ndarray],
     *,
     rivals: int = 10,
     objective: str = "kl",
@@ -84,20 +92,25 @@ def measure(
     tokens: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> FidelityResult:
-    """`real_loss` maps a tensor → type plan to its measured KL (RealLoss.kl)."""
+    """`real_loss` maps a tensor → type plan to its measured KL per judge sequence
+    (RealLoss.kl_per_sequence; sequences of equal length, so their mean is the plan's KL)."""
     plans = rival_plans(p, bpw, rivals, seed=seed)
-    real = []
+    per_seq = []
     for i, choice in enumerate(plans):
-        real.append(real_loss(allocate.tensor_types(p, choice)))
+        per_seq.append(np.atleast_1d(np.asarray(real_loss(allocate.tensor_types(p, choice)), dtype=float)))
         if progress:
             progress(i + 1, len(plans))
+    per_seq = np.stack(per_seq)
+    half = per_seq.shape[1] // 2
+    halves = np.stack([per_seq[:, :half].mean(1), per_seq[:, half : 2 * half].mean(1)], axis=1) if half else None
     return FidelityResult(
         bpw=bpw,
         objective=objective,
         predicted=np.array([p.error_of(c) for c in plans]),
-        real=np.array(real),
+        real=per_seq.mean(1),
         bits=np.array([p.bpw(p.bytes_of(c)) for c in plans]),
         tokens=tokens,
+        halves=halves,
     )
 
 
@@ -136,7 +149,7 @@ def run(
             p.check_budget(b)  # every budget and objective refused before the torch model is built
     judge = RealLoss(model, im.data, judge_sequences(load_judge_tokens(statsdir), tokens))
     return [
-        measure(p, b, judge.kl, rivals=rivals, objective=o, seed=seed, tokens=judge.n_tokens, progress=bar(f"{o} {b:g} bits"))
+        measure(p, b, judge.kl_per_sequence, rivals=rivals, objective=o, seed=seed, tokens=judge.n_tokens, progress=bar(f"{o} {b:g} bits"))
         for o, p in problems.items()
         for b in budgets
     ]

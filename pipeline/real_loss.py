@@ -60,6 +60,10 @@ class RealLoss:
 
     def kl(self, types: Mapping[str, str]) -> float:
         """Mean KL(reference ‖ plan) per token, in nats."""
+        return float(self.kl_per_sequence(types).mean())  # every sequence has the same length
+
+    def kl_per_sequence(self, types: Mapping[str, str]) -> np.ndarray:
+        """Mean KL(reference ‖ plan) per token of each judge sequence, in nats."""
         import torch
 
         with torch.no_grad():
@@ -68,5 +72,5 @@ class RealLoss:
                 for p in self.params[tensor]:
                     p.copy_(w.view_as(p))
         logp = self._logp()
-        kl = (self.ref_logp.exp() * (self.ref_logp - logp)).sum(-1).mean()
-        return float(kl)
+        kl = (self.ref_logp.exp() * (self.ref_logp - logp)).sum(-1).mean(-1)
+        return kl.double().numpy()

@@ -60,7 +60,7 @@ def test_fidelity_command_measures_the_optimum_and_its_rivals(synthetic_gguf, sy
 
     from tests.helpers import assert_one_line_error, windq
 
-    r = windq("fidelity", synthetic_gguf, "--stats", synthetic_stats, "--bpw", "4.5,5.0", "--objective", "kl", "--rivals", "3", "--tokens", "256", "--json")
+    r = windq("fidelity", synthetic_gguf, "--stats", synthetic_stats, "--bpw", "4.5,5.0", "--objective", "kl", "--rivals", "3", "--tokens", "512", "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [(row["bpw"], row["objective"]) for row in rows] == [(4.5, "kl"), (5.0, "kl")]
@@ -69,4 +69,24 @@ def test_fidelity_command_measures_the_optimum_and_its_rivals(synthetic_gguf, sy
         assert min(row["real_kl"]) >= 0 and -1 <= row["spearman"] <= 1 and 1 <= row["optimum_rank"] <= 4
         assert row["predicted"][0] == min(row["predicted"])  # the first plan is the objective's optimum
         assert max(row["bits"]) <= row["bpw"] + 1e-9
+        assert -1 <= row["judge_split_half"] <= 1 and row["tokens"] == 512  # two sequences: one per half
     assert_one_line_error(windq("fidelity", synthetic_gguf, "--stats", synthetic_stats, "--bpw", "5", "--objective", "mse"), "mse")
+
+
+def test_fidelity_judge_split_half_compares_the_judge_with_itself(monkeypatch):
+    """Each plan's KL is the mean over the judge's sequences; the split-half figure ranks the plans
+    on either half of them: 1 when both halves order the plans alike, -1 when they reverse it."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    plans = [np.array([0]), np.array([1]), np.array([2])]
+    p = SimpleNamespace(error_of=lambda c: float(c[0]), bpw=lambda b: 4.0, bytes_of=lambda c: 0)
+    monkeypatch.setattr(fidelity, "rival_plans", lambda *a, **k: plans)
+    monkeypatch.setattr(fidelity.allocate, "tensor_types", lambda _p, c: {"t": str(int(c[0]))})
+    agree = {"0": [1.0, 1.0, 2.0, 2.0], "1": [2.0, 2.0, 3.0, 3.0], "2": [3.0, 3.0, 4.0, 4.0]}
+    r = fidelity.measure(p, 4.0, lambda types: np.array(agree[types["t"]]), rivals=2)
+    assert r.real.tolist() == [1.5, 2.5, 3.5] and r.judge_split_half == pytest.approx(1.0) and r.spearman == pytest.approx(1.0)
+    disagree = {"0": [1.0, 3.0], "1": [2.0, 2.0], "2": [3.0, 1.0]}
+    r = fidelity.measure(p, 4.0, lambda types: np.array(disagree[types["t"]]), rivals=2)
+    assert r.judge_split_half == pytest.approx(-1.0)

@@ -261,7 +261,9 @@ def fidelity_cmd(model, stats, budgets, objectives, rivals, tokens, exclude_sour
     At each budget, the objective's optimum and RIVALS near-optimal plans of the same size are
     measured by their real KL(reference ‖ plan) on held-in judge tokens. Prints the Spearman rank
     correlation between the objective and the real KL (1: the knapsack orders these plans as the
-    model does) and where the optimum ranks among them (1: it is also the real best).
+    model does), where the optimum ranks among them (1: it is also the real best), and the judge's
+    split-half agreement: the same Spearman between the plans' KL on either half of the judge's
+    sequences, the noise floor of any ranking on these tokens.
     """
     from windq.errors import InputError
     from windq.models.gguf_model import GGUFModel
@@ -294,11 +296,12 @@ def fidelity_cmd(model, stats, budgets, objectives, rivals, tokens, exclude_sour
         click.echo(json.dumps([{
             "bpw": r.bpw, "objective": r.objective, "spearman": r.spearman, "optimum_rank": r.optimum_rank, "plans": len(r.real),
             "tokens": r.tokens, "real_kl": r.real.tolist(), "predicted": r.predicted.tolist(), "bits": r.bits.tolist(),
+            "judge_split_half": r.judge_split_half,
         } for r in rows], indent=2))  # fmt: skip
         return
-    click.echo(f"{'bpw':>5}  {'objective':9}  {'spearman':>8}  {'optimum rank':>12}  {'optimum KL':>10}  {'best KL':>9}  plans  tokens")
+    click.echo(f"{'bpw':>5}  {'objective':9}  {'spearman':>8}  {'optimum rank':>12}  {'optimum KL':>10}  {'best KL':>9}  plans  tokens  judge split-half")
     for r in rows:
-        click.echo(f"{r.bpw:5.2f}  {r.objective:9}  {r.spearman:8.3f}  {r.optimum_rank:>6} of {len(r.real):<3}  {r.real[0]:10.5f}  {r.real.min():9.5f}  {len(r.real):5}  {r.tokens:6}")
+        click.echo(f"{r.bpw:5.2f}  {r.objective:9}  {r.spearman:8.3f}  {r.optimum_rank:>6} of {len(r.real):<3}  {r.real[0]:10.5f}  {r.real.min():9.5f}  {len(r.real):5}  {r.tokens:6}  {r.judge_split_half:16.3f}")
 
 
 @main.command("quantize", epilog=EPILOG_MODEL)
