@@ -27,9 +27,9 @@ import gguf
 import numpy as np
 
 from windq.errors import UnsupportedModelError
-from windq.files import atomic_output
 from windq.keys import Keys
 from windq.models.gguf_model import GGUFModel, tensor_kind
+from windq.models.twin import write_twin
 
 K = gguf.MODEL_TENSOR
 
@@ -133,25 +133,7 @@ def align_gguf(model: GGUFModel, out: str | Path, to: int = 256) -> AlignReport:
         Keys.Align.REAL_WEIGHTS: (model.n_real_weights, gguf.GGUFValueType.UINT64),
         Keys.Align.ORIGINAL_WIDTH: (g.n_embd, gguf.GGUFValueType.UINT32),
     }
-    source_types = [f"{name}={model.source_type(name)}" for name in tensors]
-    out = Path(out)
-    with atomic_output(out) as tmp:
-        w = gguf.GGUFWriter(str(tmp), arch)
-        for field in model.reader.fields.values():
-            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or field.name in new_kv:
-                continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
-        for key, (value, vtype) in new_kv.items():
-            w.add_key_value(key, value, vtype)
-        w.add_array(Keys.Twin.SOURCE_TYPES, source_types)
-        for name, t in tensors.items():
-            w.add_tensor(name, t)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+    out = write_twin(model, out, tensors, changed=new_kv)
     stored = sum(t.size for t in tensors.values())
     return AlignReport(out, g, a, model.n_real_weights, stored)
 

@@ -36,9 +36,9 @@ import gguf
 import numpy as np
 
 from windq.errors import InputError, UnsupportedModelError
-from windq.files import atomic_output
 from windq.keys import Keys
 from windq.models.gguf_model import GGUFModel, tensor_kind
+from windq.models.twin import write_twin
 
 K = gguf.MODEL_TENSOR
 SUPPORTED = ("llama",)
@@ -159,30 +159,8 @@ def split_ffn_gguf(model: GGUFModel, out: str | Path, salient: int, order: Mappi
         gguf.Keys.General.FILE_TYPE: (int(gguf.LlamaFileType.ALL_F32), gguf.GGUFValueType.UINT32),
         Keys.Split.SALIENT: (salient, gguf.GGUFValueType.UINT32),
     }
-    source_types = [f"{n}={model.source_type(parts[n].source if n in parts else n)}" for n in tensors if n in parts or n in model.tensors]
-    out = Path(out)
-    with atomic_output(out) as tmp:
-        w = gguf.GGUFWriter(str(tmp), target)
-        for field in model.reader.fields.values():
-            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-                continue
-            key = target + field.name[len(arch) :] if field.name.startswith(arch + ".") else field.name
-            if key in new_kv or key == Keys.Twin.SOURCE_TYPES:
-                continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(key, field.contents(), vtype, sub_type=sub)
-        for key, (value, vtype) in new_kv.items():
-            w.add_key_value(key, value, vtype)
-        for i in range(n_layer):
-            w.add_array(Keys.Split.NEURONS.format(layer=i), [int(j) for j in order[i]])
-        w.add_array(Keys.Twin.SOURCE_TYPES, source_types)
-        for name, t in tensors.items():
-            w.add_tensor(name, t)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+    neurons = {Keys.Split.NEURONS.format(layer=i): [int(j) for j in order[i]] for i in range(n_layer)}
+    out = write_twin(model, out, tensors, changed=new_kv, source_of={n: p.source for n, p in parts.items()}, arrays=neurons, arch=target)
     return SplitReport(out, n_ff, salient)
 
 
