@@ -145,9 +145,12 @@ def split_ffn_gguf(model: GGUFModel, out: str | Path, salient: int, order: Mappi
         tensors[name] = model.dequantized(name) if len(info.shape) > 1 else np.asarray(model.raw(name), dtype=np.float32)
         if kind == K.FFN_NORM:  # the router of one expert sits beside it: never used, so zeros
             tensors[_name(K.FFN_GATE_INP, _layer(name))] = np.zeros((1, info.shape[0]), dtype=np.float32)
-    for name, part in parts.items():
-        w = part.take(model.dequantized(part.source))
-        tensors[name] = w[None] if tensor_kind(name) in _ROUTED else w  # the routed expert: (1, rows, cols)
+    for source in ffn:
+        w = model.dequantized(source)  # once for both of its parts
+        for name, part in parts.items():
+            if part.source == source:
+                cut = part.take(w)
+                tensors[name] = cut[None] if tensor_kind(name) in _ROUTED else cut  # the routed expert: (1, rows, cols)
 
     target = gguf.MODEL_ARCH_NAMES[TARGET]
     new_kv = {
