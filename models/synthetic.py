@@ -36,6 +36,7 @@ class Flavour:
     final_softcap: float | None = None  # final_logit_softcapping
     fused: bool = False  # one attn_qkv (Q, K, V rows stacked) and one ffn_up (gate rows, then up rows)
     pad_token: int | None = None  # tokenizer.ggml.padding_token_id, as the converter writes a tokenizer's
+    experts: tuple[int, int] | None = None  # MoE: (experts, experts used per token), each n_ff wide
 
 
 FLAVOURS = {
@@ -74,6 +75,10 @@ FLAVOURS = {
     # Phi-3's GGUFs have one (32000): without it transformers takes 32000, beyond this vocabulary.
     # Not named "phi3": llama.cpp then looks for Phi-3's <|endoftext|> in the vocabulary.
     "phi3": Flavour(gguf.MODEL_ARCH.PHI3, "windq-synthetic-phi", fused=True, sliding_window=16, pad_token=0),
+    # Qwen3-MoE (Qwen3-30B-A3B's layout): Qwen3's attention, and in every layer a router
+    # (ffn_gate_inp, never quantized) over experts held as 3-D tensors. Written so that the
+    # refusal is tested on a real-shaped file; windq does not run it yet.
+    "qwen3moe": Flavour(gguf.MODEL_ARCH.QWEN3MOE, "windq-synthetic-qwen3moe", head_dim=128, rope_freq_base=1e6, experts=(4, 2)),
 }
 
 
@@ -174,6 +179,10 @@ def write_synthetic_gguf(path: str | Path, cfg: SyntheticConfig = SyntheticConfi
     w.add_eos_token_id(2)
     if flavour.pad_token is not None:
         w.add_pad_token_id(flavour.pad_token)
+    if flavour.experts:
+        w.add_expert_count(flavour.experts[0])
+        w.add_expert_used_count(flavour.experts[1])
+        w.add_expert_feed_forward_length(cfg.n_ff)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
 
@@ -201,9 +210,17 @@ def write_synthetic_gguf(path: str | Path, cfg: SyntheticConfig = SyntheticConfi
         add(ffn_norm, np.ones(cfg.n_embd, dtype=np.float32), i)
         if flavour.fused:
             add(M.FFN_UP, linear(2 * cfg.n_ff, cfg.n_embd), i)
-        else:
+        elif not flavour.experts:
             add(M.FFN_GATE, linear(cfg.n_ff, cfg.n_embd), i)
             add(M.FFN_UP, linear(cfg.n_ff, cfg.n_embd), i)
+        if flavour.experts:
+            n_expert = flavour.experts[0]
+            add(M.FFN_GATE_INP, rng.standard_normal((n_expert, cfg.n_embd)).astype(np.float32), i)  # the router
+            # 3-D, one matrix per expert (numpy order: expert, row, column)
+            add(M.FFN_GATE_EXP, np.stack([linear(cfg.n_ff, cfg.n_embd) for _ in range(n_expert)]), i)
+            add(M.FFN_UP_EXP, np.stack([linear(cfg.n_ff, cfg.n_embd) for _ in range(n_expert)]), i)
+            add(M.FFN_DOWN_EXP, np.stack([linear(cfg.n_embd, cfg.n_ff) for _ in range(n_expert)]), i)
+            continue
         add(M.FFN_DOWN, linear(cfg.n_embd, cfg.n_ff), i)
         if M.FFN_POST_NORM in kinds:
             add(M.FFN_POST_NORM, norm(cfg.n_embd), i)

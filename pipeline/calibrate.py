@@ -146,6 +146,7 @@ LLAMA_CPP_CONFIG = (
     ("attention.key_length", "query_pre_attn_scalar"),
     ("attn_logit_softcapping", "attn_logit_softcapping"),
     ("final_logit_softcapping", "final_logit_softcapping"),
+    ("expert_feed_forward_length", "moe_intermediate_size"),  # Qwen3-MoE's expert width (its default 768)
 )
 
 
@@ -172,32 +173,44 @@ def check_rope(model: GGUFModel) -> None:
         )
 
 
+def torch_config(model: GGUFModel, model_type: str):
+    """transformers' config of the GGUF, as a `model_type` model, with what llama.cpp reads from
+    the file that transformers' GGUF table does not (LLAMA_CPP_CONFIG)."""
+    from transformers import AutoConfig
+
+    where, name = str(model.path.parent), model.path.name
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(where, gguf_file=name)
+    if config.model_type != model_type:
+        # transformers also reads general.name: a llama GGUF named "mistral" becomes a
+        # MistralForCausalLM, with a 4096-token sliding window that llama.cpp's llama graph does
+        # not have, and a weight map that gguf-py (no "mistral" architecture) cannot build.
+        # llama.cpp picks its graph by general.architecture alone, and so does windq.
+        kept = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+        config = AutoConfig.for_model(model_type, **kept)
+    for key, attr in LLAMA_CPP_CONFIG:
+        value = model.arch_field("{arch}." + key)
+        if value is not None and hasattr(config, attr):
+            setattr(config, attr, value)
+    if hasattr(config, "head_dim") and model.arch_field("{arch}.attention.key_length") is None:
+        # llama.cpp's head width when the file states none; transformers' default may differ (Qwen3's is 128)
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    return config
+
+
 def load_torch_model(model: GGUFModel):
     """The GGUF as a float32 transformers model (dequantized by gguf-py inside transformers), checked
     to hold every tensor of the file and nothing that is not in it."""
     arch = architecture(model)
     check_rope(model)
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    where, name = str(model.path.parent), model.path.name
+    config = torch_config(model, arch.model_type)
     with quiet_transformers():
-        config = AutoConfig.from_pretrained(where, gguf_file=name)
-        if config.model_type != arch.model_type:
-            # transformers also reads general.name: a llama GGUF named "mistral" becomes a
-            # MistralForCausalLM, with a 4096-token sliding window that llama.cpp's llama graph does
-            # not have, and a weight map that gguf-py (no "mistral" architecture) cannot build.
-            # llama.cpp picks its graph by general.architecture alone, and so does windq.
-            kept = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
-            config = AutoConfig.for_model(arch.model_type, **kept)
-        for key, attr in LLAMA_CPP_CONFIG:
-            value = model.arch_field("{arch}." + key)
-            if value is not None and hasattr(config, attr):
-                setattr(config, attr, value)
-        if hasattr(config, "head_dim") and model.arch_field("{arch}.attention.key_length") is None:
-            # llama.cpp's head width when the file states none; transformers' default may differ (Qwen3's is 128)
-            config.head_dim = config.hidden_size // config.num_attention_heads
-        m = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, config=config, dtype=torch.float32)
+        m = AutoModelForCausalLM.from_pretrained(
+            str(model.path.parent), gguf_file=model.path.name, config=config, dtype=torch.float32
+        )
     m.eval()
     parameter_tensors(model, m)  # refuses a file and a model that do not hold the same weights
     return m

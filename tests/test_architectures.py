@@ -23,7 +23,8 @@ from windq.models.sources import wiki_text
 from windq.models.tokenizer import token_chunks
 from windq.models.synthetic import SyntheticConfig, write_synthetic_gguf
 from windq.pipeline.calibrate import (
-    ARCHITECTURES, CalibrationConfig, calibrate, load_torch_model, module_to_tensor, save_calibration, torch_threads,
+    ARCHITECTURES, CalibrationConfig, calibrate, load_torch_model, module_to_tensor, quiet_transformers, save_calibration,
+    torch_config, torch_threads, weight_processor,
 )  # fmt: skip
 from windq.pipeline.imatrix import load_imatrix
 from windq.pipeline.real_loss import RealLoss
@@ -228,20 +229,14 @@ def test_align_runs_on_the_llama_layout_and_refuses_the_others_in_one_line(arch_
     assert f"not {m.architecture!r}" in str(e.value) and "\n" not in str(e.value)
 
 
-def _gguf_of_architecture(path, arch: str):
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 256), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+@pytest.fixture(scope="module")
+def qwen3moe_gguf(tmp_path_factory):
+    """A synthetic Qwen3-MoE (4 experts, 2 used, each 256 wide): what windq does not run yet."""
+    return write_synthetic_gguf(tmp_path_factory.mktemp("qwen3moe") / "qwen3moe.gguf", SyntheticConfig(architecture="qwen3moe", n_ff=256))
 
 
-def test_another_architecture_is_refused_in_one_line(tmp_path):
-    # an MoE family: llama.cpp and transformers both load it, windq does not run it yet
-    m = GGUFModel(_gguf_of_architecture(tmp_path / "qwen3moe.gguf", "qwen3moe"))
+def test_another_architecture_is_refused_in_one_line(qwen3moe_gguf, tmp_path):
+    m = GGUFModel(qwen3moe_gguf)
     for run in (
         lambda: calibrate(m, wiki_text("calibration"), CalibrationConfig(tokens=512, ctx=128)),
         lambda: RealLoss(m, None, np.zeros((1, 8), dtype=np.int64)),
@@ -255,6 +250,33 @@ def test_another_architecture_is_refused_in_one_line(tmp_path):
     r = windq("calibrate", m.path, "--out", tmp_path / "cal")
     assert_one_line_error(r, "'qwen3moe' is not supported", "supported: llama")
     assert not (tmp_path / "cal").exists()
+
+
+def test_moe_groundwork_transformers_runs_qwen3moe_as_llama_cpp_does(qwen3moe_gguf):
+    """Not support, the ground it would stand on: with windq's config (the expert width read from
+    the file: transformers' table leaves its default of 768), transformers' Qwen3-MoE computes
+    llama.cpp's logits. What windq's maps would have to learn is shown too: one transformers
+    parameter holds two GGUF tensors (gate and up experts), and experts are not nn.Linear modules."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    m = GGUFModel(qwen3moe_gguf)
+    planned = {t.name for t in m.quantizable()}
+    # llama.cpp's rule: the 3-D expert tensors are quantized, the router is not
+    assert {"blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight"} <= planned
+    assert m.tensors["blk.0.ffn_gate_exps.weight"].shape == (256, 256, 4) and "blk.0.ffn_gate_inp.weight" not in planned
+    config = torch_config(m, "qwen3_moe")
+    assert config.moe_intermediate_size == 256
+    with quiet_transformers():
+        tm = AutoModelForCausalLM.from_pretrained(str(m.path.parent), gguf_file=m.path.name, config=config, dtype=torch.float32)
+    assert type(tm).__name__ == "Qwen3MoeForCausalLM"
+    assert_same_logits(tm, m.path)
+    hf = get_gguf_hf_weights_map(tm, weight_processor(m, tm))
+    # keyed without ".weight": transformers' MoE processor fills the parameter itself
+    assert hf["blk.0.ffn_gate_exps"] == hf["blk.0.ffn_up_exps"] == "model.layers.0.mlp.experts.gate_up_proj"
+    assert "blk.0.ffn_gate_exps.weight" not in hf  # so windq's parameter map would refuse the file today
+    assert not any(isinstance(mod, torch.nn.Linear) for name, mod in tm.named_modules() if ".experts" in name)
 
 
 @pytest.mark.parametrize(
