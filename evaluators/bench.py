@@ -448,7 +448,7 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
                     except BudgetError:
                         return Built(variant, method, budget, unreachable=True)
                     plan_s = time.perf_counter() - t0
-                    path = out / "gguf" / f"{variant}-{method.replace(':', '')}-{budget}.gguf"
+                    path = out / "gguf" / f"{variant.replace(':', '')}-{method.replace(':', '')}-{budget}.gguf"
                     t0 = time.perf_counter()
                     export_gguf(m, res.plan, path, imatrix=im.data)
                     export_s = time.perf_counter() - t0
