@@ -91,6 +91,9 @@ class CalibrationConfig:
     fisher_chunks: int = 2  # chunks (of the imatrix's) the Fisher is estimated on: a backward pass each
     judge_chunks: int = 8  # chunks after the imatrix's, kept for measuring plans' real KL
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # one module's weights in memory at a time, read from the GGUF as it runs (pipeline/streaming.py):
+    # the same statistics, for a model whose float32 weights do not fit
+    stream: bool = False
 
 
 @dataclass
@@ -355,10 +358,7 @@ def fisher_marginals(
     try:
         for i in range(n):
             torch_model.zero_grad(set_to_none=True)
-            logits = torch_model(torch.from_numpy(tokens[i : i + 1]), use_cache=False).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)
-            labels = torch.multinomial(logp.detach().exp().view(-1, logp.shape[-1]), 1, generator=gen)
-            (-logp.view(-1, logp.shape[-1]).gather(1, labels).sum()).backward()
+            sampled_nll(torch_model(torch.from_numpy(tokens[i : i + 1]), use_cache=False).logits, gen).backward()
             for t, ps in params.items():
                 g2 = ps[0].grad.double().square()  # tied parameters share one .grad
                 sums[t][0][:] += g2.sum(1).numpy()
@@ -369,10 +369,43 @@ def fisher_marginals(
         torch_model.zero_grad(set_to_none=True)
         for p in torch_model.parameters():
             p.requires_grad_(False)
+    return fisher_in_gguf_order(weight_processor(model, torch_model), sums, n)
+
+
+def streamed_fisher_marginals(
+    model: GGUFModel, sm, tokens: np.ndarray, *, seed: int = 0, progress: Callable[[int, int], None] | None = None
+) -> dict[str, FisherStats]:
+    """`fisher_marginals` on a StreamedModel: the same labels, the same sums, one module's weights
+    in memory at a time."""
+    import torch
+
+    from windq.pipeline.streaming import streamed_fisher
+
+    gen = torch.Generator().manual_seed(seed)
+    n = len(tokens)
+    with streamed_fisher(sm, {t.name for t in model.quantizable()}) as sums:
+        for i in range(n):
+            sampled_nll(sm(torch.from_numpy(tokens[i : i + 1])).logits, gen).backward()
+            if progress:
+                progress(i + 1, n)
+    return fisher_in_gguf_order(sm.processor, sums, n)
+
+
+def sampled_nll(logits, gen):
+    """−log p of labels drawn from the model itself, summed over the sequence: its gradient's square
+    estimates the true Fisher."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    labels = torch.multinomial(logp.detach().exp().view(-1, logp.shape[-1]), 1, generator=gen)
+    return -logp.view(-1, logp.shape[-1]).gather(1, labels).sum()
+
+
+def fisher_in_gguf_order(processor, sums: Mapping[str, tuple[np.ndarray, np.ndarray]], n: int) -> dict[str, FisherStats]:
+    """Per-sequence means of squared-gradient row and column sums, rows put back in GGUF order."""
     out = {}
-    proc = weight_processor(model, torch_model)
     for t, (r, c) in sums.items():
-        order = hf_row_order(proc, t, len(r))
+        order = hf_row_order(processor, t, len(r))
         rows = np.empty_like(r)
         rows[order] = r
         out[t] = FisherStats(rows=(rows / n).astype(np.float32), cols=(c / n).astype(np.float32))
@@ -418,18 +451,25 @@ def calibrate(
     tokens, judge = every[: len(every) - cfg.judge_chunks], every[len(every) - cfg.judge_chunks :]
     n_chunks = len(tokens)
 
-    tm = load_torch_model(model)
+    if cfg.stream:
+        from windq.pipeline.streaming import StreamedModel
+
+        sm = StreamedModel(model)
+        tm, run, fisher_of = sm.tm, sm, streamed_fisher_marginals
+    else:
+        tm = load_torch_model(model)
+        sm, run, fisher_of = tm, lambda x: tm(x, use_cache=False), fisher_marginals
     names = module_to_tensor(model, tm)
     stats: dict[str, ActivationStats] = {}
     with torch_threads(cfg.threads), torch.inference_mode(), observe_linear_inputs(tm, names, stats):
         for i in range(n_chunks):
-            tm(torch.from_numpy(tokens[i : i + 1]), use_cache=False)
+            run(torch.from_numpy(tokens[i : i + 1]))
             if progress:
                 progress(i + 1, n_chunks)
     n_fisher = min(cfg.fisher_chunks, n_chunks)
     with torch_threads(cfg.threads):
-        fisher = fisher_marginals(
-            model, tm, tokens[:n_fisher], progress=(lambda d, t: progress(n_chunks + d, n_chunks + n_fisher)) if progress else None
+        fisher = fisher_of(
+            model, sm, tokens[:n_fisher], progress=(lambda d, t: progress(n_chunks + d, n_chunks + n_fisher)) if progress else None
         )
     meta = {
         "windq": __version__,
@@ -443,6 +483,7 @@ def calibrate(
         "tokens": int(tokens.size),
         "fisher_chunks": n_fisher,
         "judge_chunks": len(judge),
+        "streamed": cfg.stream,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return Calibration(stats=stats, tokens=tokens, meta=meta, fisher=fisher, judge=judge)

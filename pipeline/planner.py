@@ -40,6 +40,7 @@ class PlanConfig:
     verify_tokens: int = 2048  # judge tokens the verification measures on (8 sequences of 256)
     verify_mixes: tuple[str, ...] | None = None  # llama.cpp mixes the verification tries (None: verify.STOCK_MIXES)
     sample_rows: int | None = None  # tables from about this many rows of each larger tensor (None: every row)
+    stream: bool = False  # the real loss runs one module's weights at a time (pipeline/streaming.py): same KL, less memory
 
     @property
     def group(self) -> int | None:
@@ -240,7 +241,7 @@ def run_planner(
             from windq.pipeline.real_loss import RealLoss
 
             n = max(cfg.verify_tokens if cfg.verify else 0, cfg.real_loss_tokens)
-            judge_cache.append(RealLoss(model, data, judge_sequences(load_judge_tokens(statsdir), n)))
+            judge_cache.append(RealLoss(model, data, judge_sequences(load_judge_tokens(statsdir), n), stream=cfg.stream))
         return judge_cache[0]
 
     allocation = METHODS[cfg.method](Job(model, statsdir, tables, prob, tp, data, cfg, policy, bar(cfg.method), judge))

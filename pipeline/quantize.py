@@ -76,8 +76,8 @@ def default_cache_dir() -> Path:
 
 def calibration_key(model: GGUFModel, text: Text, cfg: CalibrationConfig) -> str:
     """What a calibration depends on: the model's bytes, the text's, and the settings (threads
-    change nothing but speed, so they are left out)."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}
+    and streaming change nothing but speed and memory, so they are left out)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("threads", "stream")}
     blob = json.dumps({"model": model.sha256, "text": text.sha256, "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

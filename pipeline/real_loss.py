@@ -19,16 +19,28 @@ from windq.pipeline.calibrate import load_torch_model, tensor_params, weight_pro
 
 
 class RealLoss:
-    def __init__(self, model: GGUFModel, imatrix: Mapping[str, np.ndarray] | None, tokens: np.ndarray):
+    def __init__(self, model: GGUFModel, imatrix: Mapping[str, np.ndarray] | None, tokens: np.ndarray, *, stream: bool = False):
+        """With `stream`, the model runs one module at a time (pipeline/streaming.py), each planned
+        weight decoded from the plan's quantized bytes as its module runs: memory of one module's
+        weights plus the quantized bytes cache, not the float32 model."""
         import torch
 
         self.model = model
         self.imatrix = dict(imatrix or {})
         self.tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64).reshape(-1, tokens.shape[-1]))
-        self.tm = load_torch_model(model)
-        self._process = weight_processor(model, self.tm)
-        self.params = tensor_params(model, self.tm)
         self._bytes: dict[tuple[str, str], np.ndarray] = {}
+        self._types: dict[str, str] = {}  # the plan a streamed model runs (a tensor absent: its source)
+        self._planned = {t.name for t in model.quantizable()}
+        if stream:
+            from windq.pipeline.streaming import StreamedModel
+
+            self.sm = StreamedModel(model, source=self._streamed_weights)
+            self.tm, self.params = self.sm.tm, None
+        else:
+            self.sm = None
+            self.tm = load_torch_model(model)
+            self.params = tensor_params(model, self.tm)
+        self._process = weight_processor(model, self.tm)
         self.ref_logp = self._logp()
 
     @property
@@ -43,7 +55,13 @@ class RealLoss:
         import torch
 
         with torch.inference_mode():
-            return torch.log_softmax(self.tm(self.tokens, use_cache=False).logits.float(), dim=-1)
+            logits = self.sm(self.tokens).logits if self.sm else self.tm(self.tokens, use_cache=False).logits
+            return torch.log_softmax(logits.float(), dim=-1)
+
+    def _streamed_weights(self, tensor: str) -> np.ndarray:
+        if tensor in self._types:
+            return self._weights(tensor, self._types[tensor])
+        return self.sm.file_weights(tensor)
 
     def _weights(self, tensor: str, type_name: str) -> np.ndarray:
         info = self.model.tensors[tensor]
@@ -66,11 +84,20 @@ class RealLoss:
         """Mean KL(reference ‖ plan) per token of each judge sequence, in nats."""
         import torch
 
+        if self.sm:
+            unknown = set(types) - self._planned
+            if unknown:
+                raise KeyError(f"not planned: {sorted(unknown)[0]}")
+            self._types.update(types)
+            return self._kl_now()
         with torch.no_grad():
             for tensor, type_name in types.items():
                 w = torch.from_numpy(self._weights(tensor, type_name))
                 for p in self.params[tensor]:
                     p.copy_(w.view_as(p))
+        return self._kl_now()
+
+    def _kl_now(self) -> np.ndarray:
         logp = self._logp()
         kl = (self.ref_logp.exp() * (self.ref_logp - logp)).sum(-1).mean(-1)
         return kl.double().numpy()

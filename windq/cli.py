@@ -89,6 +89,10 @@ class AlignWidth(click.ParamType):
 
 # "all cores" is 0 on every command; library calls take None for it
 threads_option = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="CPU threads; 0 = all cores.")
+stream_option = click.option(
+    "--stream", is_flag=True,
+    help="Run the model in torch one module at a time, its weights read from the GGUF as it runs: the same results in the memory of one layer, for a model whose float32 weights do not fit.",
+)  # fmt: skip
 
 
 def _progress(desc: str, unit: str = "chunk"):
@@ -122,8 +126,9 @@ def _model_path(spec: str) -> Path:
 @click.option("--fisher-chunks", default=2, show_default=True, help="Chunks (of the imatrix's) the Fisher information is estimated on, one backward pass each.")
 @click.option("--judge-chunks", default=8, show_default=True, help="Chunks cut after the imatrix's and kept out of it, for measuring plans' real KL.")
 @threads_option
+@stream_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for imatrix.gguf, fisher.npz, activations.npz, tokens.npy, judge-tokens.npy, calibration.json.")
-def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, fisher_chunks: int, judge_chunks: int, threads: int, out: str) -> None:
+def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, fisher_chunks: int, judge_chunks: int, threads: int, stream: bool, out: str) -> None:
     """Run MODEL on calibration text and collect its importance matrix and Fisher information.
 
     Writes OUT/imatrix.gguf in llama-imatrix's GGUF format (usable by `windq export --imatrix` and
@@ -137,7 +142,9 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, fisher_chunks: i
     if tokens < 1 or ctx < 2 or fisher_chunks < 1 or judge_chunks < 1:
         raise click.BadParameter("--tokens, --ctx, --fisher-chunks and --judge-chunks must be positive")
     src = GGUFModel(_model_path(model))
-    cfg = CalibrationConfig(tokens=tokens, ctx=ctx, fisher_chunks=fisher_chunks, judge_chunks=judge_chunks, threads=threads or os.cpu_count() or 1)
+    cfg = CalibrationConfig(
+        tokens=tokens, ctx=ctx, fisher_chunks=fisher_chunks, judge_chunks=judge_chunks, threads=threads or os.cpu_count() or 1, stream=stream
+    )
     cal = calibrate(src, resolve_text(text, "calibration"), cfg, progress=_progress("calibrate"))
     save_calibration(cal, out, src.architecture)
     click.echo(
@@ -170,8 +177,9 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, fisher_chunks: i
               help="WIDTH (256): plan the model zero-padded to rows a multiple of WIDTH (`windq align`), so K and IQ types fit; none: as it is; "
               "auto: plan both and keep the one llama.cpp measures closer to the source on held-in calibration tokens.")
 @threads_option
+@stream_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="plan.json to write; the allocation map goes beside it as .png.")
-def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, verify_mixes, sample_rows, granularity, types, seed, episodes, policy, save_policy, real_loss_tokens, align, threads, out) -> None:
+def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, verify_mixes, sample_rows, granularity, types, seed, episodes, policy, save_policy, real_loss_tokens, align, threads, stream, out) -> None:
     """Allocate a ggml type to every tensor of MODEL within a bits-per-weight budget.
 
     Needs `windq calibrate MODEL --out STATS` first. Types that cannot be written (row length,
@@ -191,7 +199,7 @@ def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, verif
     cfg = PlanConfig(
         bpw=bpw, method=method, granularity=granularity, types=allowed, seed=seed, episodes=episodes,
         policy=policy, real_loss_tokens=real_loss_tokens, threads=threads or None, objective=objective,
-        exclude_source=exclude_source, verify=verify, verify_mixes=_mixes(verify_mixes), sample_rows=sample_rows,
+        exclude_source=exclude_source, verify=verify, verify_mixes=_mixes(verify_mixes), sample_rows=sample_rows, stream=stream,
     )  # fmt: skip
     bars = {}
 
@@ -326,8 +334,9 @@ def fidelity_cmd(model, stats, budgets, objectives, rivals, tokens, exclude_sour
 @click.option("--save-plan", type=click.Path(dir_okay=False), help="Also write the plan.json.")
 @click.option("--seed", default=0, show_default=True, help="Seed for ppo.")
 @threads_option
+@stream_option
 def quantize_cmd(model, size, bpw, out, text, tokens, stats, cache, method, objective, types, exclude_source, verify, verify_mixes,
-                 verify_tokens, sample_rows, align, save_plan, seed, threads) -> None:  # fmt: skip
+                 verify_tokens, sample_rows, align, save_plan, seed, threads, stream) -> None:  # fmt: skip
     """Quantize MODEL to fit a size: calibrate, plan, verify, export and check, in one command.
 
     \b
@@ -357,7 +366,7 @@ def quantize_cmd(model, size, bpw, out, text, tokens, stats, cache, method, obje
     mixes = _mixes(verify_mixes)
     cfg = PlanConfig(
         bpw=0.0, method=method, types=allowed, seed=seed, threads=threads or None, objective=objective,
-        exclude_source=exclude_source, verify=verify, verify_tokens=verify_tokens, verify_mixes=mixes, sample_rows=sample_rows,
+        exclude_source=exclude_source, verify=verify, verify_tokens=verify_tokens, verify_mixes=mixes, sample_rows=sample_rows, stream=stream,
     )  # fmt: skip
     bars = {}
 
@@ -366,7 +375,7 @@ def quantize_cmd(model, size, bpw, out, text, tokens, stats, cache, method, obje
 
     src = GGUFModel(_model_path(model))
     r = quantize(
-        src, resolve_text(text, "calibration"), out, budget, cfg, calibration=CalibrationConfig(tokens=tokens, threads=threads or os.cpu_count() or 1),
+        src, resolve_text(text, "calibration"), out, budget, cfg, calibration=CalibrationConfig(tokens=tokens, threads=threads or os.cpu_count() or 1, stream=stream),
         statsdir=stats, cache=cache, align=align, progress=progress,
     )  # fmt: skip
     click.echo(f"calibration: {r.statsdir} ({'made now' if r.calibrated else 'cached'})")
