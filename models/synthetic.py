@@ -94,6 +94,7 @@ class SyntheticConfig:
     seed: int = 0
     architecture: str = "llama"  # a key of FLAVOURS
     tied: bool = False  # no output.weight: the head is token_embd, in llama.cpp and in transformers
+    f16: bool = False  # weight matrices as F16 (norms, biases and the router stay F32, as llama.cpp's converter writes them)
 
     @property
     def flavour(self) -> Flavour:
@@ -136,7 +137,7 @@ def write_synthetic_gguf(path: str | Path, cfg: SyntheticConfig = SyntheticConfi
         # A few large input channels, as real activations/weights have, make types differ more.
         w = rng.standard_normal((rows, cols)) / np.sqrt(cols)
         w[:, rng.choice(cols, size=max(1, cols // 64), replace=False)] *= 8
-        return w.astype(np.float32)
+        return w.astype(np.float16 if cfg.f16 else np.float32)
 
     def add(kind: gguf.MODEL_TENSOR, data: np.ndarray, layer: int | None = None, suffix: str = ".weight") -> None:
         if kind not in kinds:  # gguf-py's own list of what this architecture holds
@@ -169,7 +170,7 @@ def write_synthetic_gguf(path: str | Path, cfg: SyntheticConfig = SyntheticConfi
     if flavour.final_softcap is not None:
         w.add_final_logit_softcapping(flavour.final_softcap)
     w.add_vocab_size(n_vocab)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if cfg.f16 else gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores([0.0] * n_vocab)

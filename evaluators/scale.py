@@ -1,0 +1,86 @@
+"""How windq's cost grows with model size: random-weight llama GGUFs (windq's synthetic module,
+weight matrices F16 as converted checkpoints are, byte-level vocabulary) of growing width and
+depth, each stage run as the CLI in a child process, its wall time and peak anonymous memory
+(RssAnon sampled every 10 ms; the memory-mapped GGUF's pages are reclaimable and left out)
+recorded, and the exponent of cost against parameter count fitted by least squares on log-log.
+
+    python -m windq.evaluators.scale --sizes 1024x8,2048x8,2048x24,2560x32 --out runs/scale
+
+SIZE is WIDTHxLAYERS (ffn 4× the width, 8 heads); the stages are calibrate --stream on --tokens,
+plan at 4.5 bits (tables from --sample-rows rows, knapsack, no verification, no alignment), a
+second plan at 5.0 bits (the tables cached: the knapsack alone) and export of the 4.5-bit plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from windq.evaluators.streaming_memory import measured
+
+
+def stages(model: Path, work: Path, tokens: int, sample_rows: int) -> dict[str, list[str]]:
+    w = [sys.executable, "-m", "windq"]
+    stats, plan = work / "stats", work / "plan.json"
+    return {
+        "calibrate --stream": w + ["calibrate", str(model), "--tokens", str(tokens), "--ctx", "256", "--judge-chunks", "2",
+                                   "--fisher-chunks", "1", "--stream", "--out", str(stats)],
+        f"plan (tables from {sample_rows} rows)": w + ["plan", str(model), "--stats", str(stats), "--bpw", "4.5", "--align", "none",
+                                                       "--no-verify", "--sample-rows", str(sample_rows), "--out", str(plan)],
+        "knapsack plan (tables cached)": w + ["plan", str(model), "--stats", str(stats), "--bpw", "5.0", "--align", "none",
+                                              "--no-verify", "--sample-rows", str(sample_rows), "--out", str(work / "plan-5.0.json")],
+        "export": w + ["export", str(model), "--plan", str(plan), "--imatrix", str(stats / "imatrix.gguf"),
+                       "--gguf", str(work / "out.gguf")],
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1024x8,2048x8,2048x24,2560x32", help="WIDTHxLAYERS,...: 126M, 0.5B, 1.5B, 3.1B parameters")
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--sample-rows", type=int, default=256)
+    ap.add_argument("--out", default="runs/scale")
+    ap.add_argument("--fit-from", type=float, default=4e8, help="fit the exponent over the sizes with at least this many parameters (all when fewer than two)")
+    args = ap.parse_args(argv)
+    from windq.models.gguf_model import GGUFModel
+    from windq.models.synthetic import SyntheticConfig, write_synthetic_gguf
+
+    out = Path(args.out)
+    results = json.loads((out / "scale.json").read_text()) if (out / "scale.json").exists() else {}
+    for size in args.sizes.split(","):
+        width, layers = (int(v) for v in size.split("x"))
+        work = out / size
+        work.mkdir(parents=True, exist_ok=True)
+        model = work / "model.gguf"
+        if not model.exists():
+            write_synthetic_gguf(model, SyntheticConfig(n_layer=layers, n_embd=width, n_ff=4 * width, n_head=8, n_head_kv=4, f16=True))
+        if size not in results:
+            row = {"params": GGUFModel(model).n_weights, "stages": {}}
+            for stage, cmd in stages(model, work, args.tokens, args.sample_rows).items():
+                seconds, peak = measured(cmd)
+                row["stages"][stage] = {"seconds": round(seconds, 1), "peak_anon_mb": round(peak)}
+                print(f"{size} {stage}: {seconds:.1f} s, {peak:.0f} MB", flush=True)
+            results[size] = row
+            (out / "scale.json").write_text(json.dumps(results, indent=1))
+        model.unlink()  # the models are the biggest thing here; rebuilt when asked again
+    sizes = sorted(results.values(), key=lambda r: r["params"])
+    names = list(sizes[0]["stages"])
+    fit = [r for r in sizes if r["params"] >= args.fit_from]
+    fit = fit if len(fit) >= 2 else sizes
+    span = f"{fit[0]['params'] / 1e6:.0f}M–{fit[-1]['params'] / 1e6:.0f}M"
+    print("| stage | " + " | ".join(f"{r['params'] / 1e6:.0f}M: s, MB" for r in sizes) + f" | exponent {span} (time) | (memory) |")
+    print("|---|" + "---|" * len(sizes) + "---:|---:|")
+    for st in names:
+        n = np.log([r["params"] for r in fit])
+        t = np.log([r["stages"][st]["seconds"] for r in fit])
+        m = np.log([r["stages"][st]["peak_anon_mb"] for r in fit])
+        cells = " | ".join(f"{r['stages'][st]['seconds']:.1f}, {r['stages'][st]['peak_anon_mb']}" for r in sizes)
+        print(f"| {st} | {cells} | {np.polyfit(n, t, 1)[0]:.2f} | {np.polyfit(n, m, 1)[0]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
