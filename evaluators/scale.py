@@ -56,9 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         work = out / size
         work.mkdir(parents=True, exist_ok=True)
         model = work / "model.gguf"
-        if not model.exists():
+        if size not in results:  # a size measured before is kept: the bench resumes
             write_synthetic_gguf(model, SyntheticConfig(n_layer=layers, n_embd=width, n_ff=4 * width, n_head=8, n_head_kv=4, f16=True))
-        if size not in results:
             row = {"params": GGUFModel(model).n_weights, "stages": {}}
             for stage, cmd in stages(model, work, args.tokens, args.sample_rows).items():
                 seconds, peak = measured(cmd)
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{size} {stage}: {seconds:.1f} s, {peak:.0f} MB", flush=True)
             results[size] = row
             (out / "scale.json").write_text(json.dumps(results, indent=1))
-        model.unlink()  # the models are the biggest thing here; rebuilt when asked again
+            model.unlink()  # the models are the biggest thing here
     sizes = sorted(results.values(), key=lambda r: r["params"])
     names = list(sizes[0]["stages"])
     fit = [r for r in sizes if r["params"] >= args.fit_from]
@@ -79,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         t = np.log([r["stages"][st]["seconds"] for r in fit])
         m = np.log([r["stages"][st]["peak_anon_mb"] for r in fit])
         cells = " | ".join(f"{r['stages'][st]['seconds']:.1f}, {r['stages'][st]['peak_anon_mb']}" for r in sizes)
-        print(f"| {st} | {cells} | {np.polyfit(n, t, 1)[0]:.2f} | {np.polyfit(n, m, 1)[0]:.2f} |")
+        slopes = [f"{np.polyfit(n, y, 1)[0]:.2f}" if len(fit) >= 2 else "—" for y in (t, m)]  # one size: no slope
+        print(f"| {st} | {cells} | {' | '.join(slopes)} |")
 
 
 if __name__ == "__main__":
