@@ -26,13 +26,16 @@ from windq.evaluators.streaming_memory import measured
 def stages(model: Path, work: Path, tokens: int, sample_rows: int) -> dict[str, list[str]]:
     w = [sys.executable, "-m", "windq"]
     stats, plan = work / "stats", work / "plan.json"
+
+    def plan_at(bpw: str, out: Path) -> list[str]:
+        return w + ["plan", str(model), "--stats", str(stats), "--bpw", bpw, "--align", "none", "--no-verify",
+                    "--sample-rows", str(sample_rows), "--out", str(out)]  # fmt: skip
+
     return {
         "calibrate --stream": w + ["calibrate", str(model), "--tokens", str(tokens), "--ctx", "256", "--judge-chunks", "2",
                                    "--fisher-chunks", "1", "--stream", "--out", str(stats)],
-        f"plan (tables from {sample_rows} rows)": w + ["plan", str(model), "--stats", str(stats), "--bpw", "4.5", "--align", "none",
-                                                       "--no-verify", "--sample-rows", str(sample_rows), "--out", str(plan)],
-        "knapsack plan (tables cached)": w + ["plan", str(model), "--stats", str(stats), "--bpw", "5.0", "--align", "none",
-                                              "--no-verify", "--sample-rows", str(sample_rows), "--out", str(work / "plan-5.0.json")],
+        f"plan (tables from {sample_rows} rows)": plan_at("4.5", plan),
+        "knapsack plan (tables cached)": plan_at("5.0", work / "plan-5.0.json"),  # the first plan's tables, from cache
         "export": w + ["export", str(model), "--plan", str(plan), "--imatrix", str(stats / "imatrix.gguf"),
                        "--gguf", str(work / "out.gguf")],
     }  # fmt: skip
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/scale")
     ap.add_argument("--fit-from", type=float, default=4e8, help="fit the exponent over the sizes with at least this many parameters (all when fewer than two)")
     args = ap.parse_args(argv)
+    from windq.files import atomic_write_text
     from windq.models.gguf_model import GGUFModel
     from windq.models.synthetic import SyntheticConfig, write_synthetic_gguf
 
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["stages"][stage] = {"seconds": round(seconds, 1), "peak_anon_mb": round(peak)}
                 print(f"{size} {stage}: {seconds:.1f} s, {peak:.0f} MB", flush=True)
             results[size] = row
-            (out / "scale.json").write_text(json.dumps(results, indent=1))
+            atomic_write_text(out / "scale.json", json.dumps(results, indent=1))  # what a resumed run reads
             model.unlink()  # the models are the biggest thing here
     sizes = sorted(results.values(), key=lambda r: r["params"])
     names = list(sizes[0]["stages"])
@@ -73,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     span = f"{fit[0]['params'] / 1e6:.0f}M–{fit[-1]['params'] / 1e6:.0f}M"
     print("| stage | " + " | ".join(f"{r['params'] / 1e6:.0f}M: s, MB" for r in sizes) + f" | exponent {span} (time) | (memory) |")
     print("|---|" + "---|" * len(sizes) + "---:|---:|")
+    n = np.log([r["params"] for r in fit])
     for st in names:
-        n = np.log([r["params"] for r in fit])
         t = np.log([r["stages"][st]["seconds"] for r in fit])
         m = np.log([r["stages"][st]["peak_anon_mb"] for r in fit])
         cells = " | ".join(f"{r['stages'][st]['seconds']:.1f}, {r['stages'][st]['peak_anon_mb']}" for r in sizes)

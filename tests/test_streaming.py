@@ -20,19 +20,22 @@ from windq.pipeline.real_loss import RealLoss
 # llama untied and tied (a tied head's two gradients meet in one Fisher), Gemma 3's scaled tied
 # embedding, the fused phi3, and the rest as the architectures test lists them; and llama with
 # F16 weight matrices, as converted checkpoints (and the scale bench's models) hold them
-CASES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", False), ("gemma3", True), ("gemma2", True), ("phi3", False),
-         ("llama", "f16")]  # fmt: skip
+CASES = {
+    "llama": SyntheticConfig(), "llama-tied": SyntheticConfig(tied=True), "qwen2": SyntheticConfig(architecture="qwen2"),
+    "qwen3": SyntheticConfig(architecture="qwen3"), "gemma3-tied": SyntheticConfig(architecture="gemma3", tied=True),
+    "gemma2-tied": SyntheticConfig(architecture="gemma2", tied=True), "phi3": SyntheticConfig(architecture="phi3"),
+    "llama-f16": SyntheticConfig(f16=True),
+}  # fmt: skip
 
 
 def close(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(np.asarray(a, np.float64) - b).max() / max(np.abs(np.asarray(b, np.float64)).max(), 1e-30))
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-f16" if t == "f16" else f"{a}{'-tied' if t else ''}" for a, t in CASES])
+@pytest.fixture(scope="module", params=list(CASES.values()), ids=list(CASES))
 def model(request, tmp_path_factory):
-    arch, how = request.param
-    cfg = SyntheticConfig(architecture=arch, tied=how is True, f16=how == "f16")
-    model = GGUFModel(write_synthetic_gguf(tmp_path_factory.mktemp(arch) / "m.gguf", cfg))
+    cfg = request.param
+    model = GGUFModel(write_synthetic_gguf(tmp_path_factory.mktemp(cfg.architecture) / "m.gguf", cfg))
     assert {t.type_name for t in model.quantizable()} == {"F16" if cfg.f16 else "F32"}
     return model
 
