@@ -116,3 +116,32 @@ def test_streamed_calibration_equals_the_whole_model_on_the_default(default_gguf
     for t, f in whole.fisher.items():
         assert close(streamed.fisher[t].rows, f.rows) < 1e-5, t
         assert close(streamed.fisher[t].cols, f.cols) < 1e-5, t
+
+
+def test_streamed_fisher_keeps_one_tensor_per_layer_from_the_forward_to_the_backward(tmp_path):
+    """Between the forward and the backward pass the streamed Fisher holds, per decoder layer, only
+    the checkpoint's input to the layer: no Linear's input (those are taken again when the backward
+    re-runs the layer). Counted as live activation-shaped tensors at two depths."""
+    import gc
+
+    import torch
+
+    from windq.pipeline.calibrate import sampled_nll
+    from windq.pipeline.streaming import StreamedModel, streamed_fisher
+
+    n_tokens, widths = 37, (96, 160)  # the widths of nothing else in the model (hidden, feed-forward)
+
+    def live_after_forward(n_layer: int) -> int:
+        cfg = SyntheticConfig(n_layer=n_layer, n_embd=widths[0], n_ff=widths[1])
+        m = GGUFModel(write_synthetic_gguf(tmp_path / f"m{n_layer}.gguf", cfg))
+        sm = StreamedModel(m)
+        tokens = torch.from_numpy(np.random.default_rng(0).integers(3, 259, (1, n_tokens)))
+        with torch_threads(1), streamed_fisher(sm, {t.name for t in m.quantizable()}) as sums:
+            loss = sampled_nll(sm(tokens).logits, torch.Generator().manual_seed(0))
+            gc.collect()
+            live = sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and o.dim() >= 2 and o.shape[-2] == n_tokens and o.shape[-1] in widths)
+            loss.backward()
+        assert set(sums) == {t.name for t in m.quantizable()}  # every weight's gradient still formed
+        return live
+
+    assert live_after_forward(6) - live_after_forward(2) == 4
