@@ -9,6 +9,9 @@ recorded, and the exponent of cost against parameter count fitted by least squar
 SIZE is WIDTHxLAYERS (ffn 4× the width, 8 heads); the stages are calibrate --stream on --tokens,
 plan at 4.5 bits (tables from --sample-rows rows, knapsack, no verification, no alignment), a
 second plan at 5.0 bits (the tables cached: the knapsack alone) and export of the 4.5-bit plan.
+--stages picks some of them; two depths at one width show what a layer costs:
+
+    python -m windq.evaluators.scale --sizes 1024x8,1024x32 --stages calibrate --out runs/depth
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--sample-rows", type=int, default=256)
     ap.add_argument("--out", default="runs/scale")
+    ap.add_argument("--stages", default="", help="run only the stages whose names start with one of these (comma-separated), e.g. calibrate")
     ap.add_argument("--fit-from", type=float, default=4e8, help="fit the exponent over the sizes with at least this many parameters (all when fewer than two)")
     args = ap.parse_args(argv)
     from windq.files import atomic_write_text
@@ -54,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     from windq.models.synthetic import SyntheticConfig, write_synthetic_gguf
 
     out = Path(args.out)
+    wanted = tuple(w for w in args.stages.split(",") if w)
     results = json.loads((out / "scale.json").read_text()) if (out / "scale.json").exists() else {}
     for size in args.sizes.split(","):
         width, layers = (int(v) for v in size.split("x"))
@@ -64,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
             write_synthetic_gguf(model, SyntheticConfig(n_layer=layers, n_embd=width, n_ff=4 * width, n_head=8, n_head_kv=4, f16=True))
             row = {"params": GGUFModel(model).n_weights, "stages": {}}
             for stage, cmd in stages(model, work, args.tokens, args.sample_rows).items():
+                if wanted and not stage.startswith(wanted):
+                    continue
                 seconds, peak = measured(cmd)
                 row["stages"][stage] = {"seconds": round(seconds, 1), "peak_anon_mb": round(peak)}
                 print(f"{size} {stage}: {seconds:.1f} s, {peak:.0f} MB", flush=True)
