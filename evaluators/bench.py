@@ -228,6 +228,23 @@ def size_at_equal_ppl(ppl: float, stock: list[Row]) -> float | None:
     return None
 
 
+def front_kld_at(mb: float, stock: list[Row]) -> float | None:
+    """llama.cpp's KLD at `mb` megabytes, interpolated on its mixes' Pareto front (log KLD vs MB);
+    None outside the front's range, where there is nothing to compare with."""
+    pts = pareto_front([(r.size_mb, r.kld) for r in stock])
+    for (m0, k0), (m1, k1) in zip(pts, pts[1:]):
+        if m0 <= mb <= m1:
+            f = (mb - m0) / max(m1 - m0, 1e-12)
+            return float(np.exp(np.log(k0) + f * (np.log(k1) - np.log(k0))))
+    return None
+
+
+def best_within(mb: float, rows: list[Row]) -> Row | None:
+    """The row of lowest KLD among `rows` of `mb` megabytes or fewer."""
+    fits = [r for r in rows if r.size_mb <= mb]
+    return min(fits, key=lambda r: r.kld) if fits else None
+
+
 class EvalCache:
     """Per-chunk scores of one file against one reference, grown one chunk at a time.
 
@@ -527,6 +544,23 @@ def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer) -> dict:
             pairs = judge_pairs(r, ok)
             rho = spearman([a for a, _ in pairs], [b for _, b in pairs]) if len(pairs) >= 3 else float("nan")
             lines.append(f"| {r.variant} | {r.method} | {r.budget:g} | {len(pairs)} of {len(r.held_in)} | {rho:.2f} |")
+
+    # every windq plan against the simplest rivals of equal or smaller size (either variant), and
+    # against llama.cpp's front at equal bytes (the planner issue's target: 25 % below it)
+    uniform = [r for r in ok if r.method.split("+")[0] == "uniform"]
+    planned = [r for r in ok if r not in stock and r not in uniform]
+    if planned:
+        lines += ["", "windq's plans against the rivals of equal or smaller size (any variant): the lowest-KLD uniform plan and "
+                  "llama.cpp mix; and llama.cpp's KLD at the same size on its mixes' Pareto front (interpolated in log KLD).", "",
+                  "| variant | method | budget | MB | KLD | best uniform ≤ MB: method, MB, KLD | best mix ≤ MB: mix, MB, KLD "
+                  "| front's KLD at MB | KLD ÷ front |", "|---|---|---:|---:|---:|---|---|---:|---:|"]  # fmt: skip
+        for r in sorted(planned, key=lambda r: (r.variant, r.method, r.budget or 0)):
+            cells = []
+            for rival in (best_within(r.size_mb, uniform), best_within(r.size_mb, stock)):
+                cells.append("none fits" if rival is None else f"{rival.variant} {rival.method}{f' → {rival.chosen}' if rival.chosen else ''}, {rival.size_mb:.2f}, {rival.kld:.4f}")
+            front = front_kld_at(r.size_mb, stock)
+            lines.append(f"| {r.variant} | {r.method} | {'—' if r.budget is None else f'{r.budget:g}'} | {r.size_mb:.2f} | {r.kld:.4f} | {cells[0]} | {cells[1]} "
+                         f"| {'outside the front' if front is None else f'{front:.4f}'} | {'—' if front is None else f'{r.kld / front:.3f}'} |")  # fmt: skip
 
     # size at equal PPL: windq's best plan at each budget against llama.cpp's best mixes
     lines += ["", "| budget | windq best (variant, method) | size (MB) | PPL | llama.cpp size at that PPL (MB) | ratio |", "|---:|---|---:|---:|---:|---:|"]

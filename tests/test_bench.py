@@ -2,7 +2,7 @@ import pytest
 import json
 
 from windq.errors import InputError
-from windq.evaluators.bench import Row, pareto_front, parse_method, quick_config, run_bench, size_at_equal_ppl
+from windq.evaluators.bench import Row, best_within, front_kld_at, pareto_front, parse_method, quick_config, run_bench, size_at_equal_ppl
 
 
 @pytest.mark.slow  # a long end-to-end run through llama.cpp
@@ -34,6 +34,17 @@ def test_size_at_equal_ppl_interpolates_the_pareto_front():
     mid = size_at_equal_ppl(float(10 * 2**0.5), stock)  # halfway in log PPL
     assert abs(mid - 75) < 1e-9
     assert size_at_equal_ppl(5.0, stock) is None
+
+
+def test_front_kld_at_equal_bytes_and_the_best_rival_that_fits():
+    def row(mb, kld, method="llama.cpp:x"):
+        return Row("v", method, None, mb, 0, 0, kld, 0, 0, 0)
+
+    stock = [row(50, 0.4), row(100, 0.1), row(80, 0.5)]  # the 80 MB mix is off the front
+    assert abs(front_kld_at(75, stock) - 0.2) < 1e-12  # halfway in size, halfway in log KLD
+    assert front_kld_at(49.9, stock) is None and front_kld_at(100.1, stock) is None  # no front to compare with
+    assert best_within(99.9, stock).size_mb == 50  # 0.4 beats the off-front 0.5; 100 MB does not fit
+    assert best_within(100, stock).kld == 0.1 and best_within(49, stock) is None
 
 
 def test_lockstep_eval_resumes_chunk_by_chunk_to_the_same_scores(synthetic_gguf, sample_text, tmp_path):
