@@ -235,6 +235,8 @@ def front_kld_at(mb: float, stock: list[Row]) -> float | None:
     for (m0, k0), (m1, k1) in zip(pts, pts[1:]):
         if m0 <= mb <= m1:
             f = (mb - m0) / max(m1 - m0, 1e-12)
+            if k1 <= 0:  # a mix that is the source, copied (KLD 0): no logarithm to interpolate in
+                return k0 + f * (k1 - k0)
             return float(np.exp(np.log(k0) + f * (np.log(k1) - np.log(k0))))
     return None
 

@@ -43,6 +43,7 @@ def test_front_kld_at_equal_bytes_and_the_best_rival_that_fits():
     stock = [row(50, 0.4), row(100, 0.1), row(80, 0.5)]  # the 80 MB mix is off the front
     assert abs(front_kld_at(75, stock) - 0.2) < 1e-12  # halfway in size, halfway in log KLD
     assert front_kld_at(49.9, stock) is None and front_kld_at(100.1, stock) is None  # no front to compare with
+    assert front_kld_at(75, stock + [row(100, 0.0)]) == 0.2  # a front ending at the source itself: linear there
     assert best_within(99.9, stock).size_mb == 50  # 0.4 beats the off-front 0.5; 100 MB does not fit
     assert best_within(100, stock).kld == 0.1 and best_within(49, stock) is None
 
