@@ -214,11 +214,7 @@ def measure_speeds(
 
 def size_at_equal_ppl(ppl: float, stock: list[Row]) -> float | None:
     """Size llama.cpp's mixes need for `ppl`, interpolated on their Pareto front (log PPL vs MB)."""
-    front = sorted((r.size_mb, r.ppl) for r in stock)
-    pts = []
-    for mb, p in front:  # keep the Pareto front: PPL falls as size grows
-        if not pts or p < pts[-1][1]:
-            pts.append((mb, p))
+    pts = pareto_front([(r.size_mb, r.ppl) for r in stock])  # PPL falls as size grows
     if len(pts) < 2 or not pts[-1][1] <= ppl <= pts[0][1]:
         return None
     for (m0, p0), (m1, p1) in zip(pts, pts[1:]):

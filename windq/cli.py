@@ -20,7 +20,6 @@ from windq.keys import CalibrationFiles
 from windq.pipeline.planner import METHODS
 
 EPILOG_MODEL = "MODEL is a GGUF file, `default` (SmolLM2-135M-Instruct, embedded), or a hub repo id when online."
-MMAP_THRESHOLD = 1 << 20  # bytes; glibc's default starts at 128 KiB and rises
 TEXT_HELP = "`wiki` (embedded Wikipedia leads; the held-out split for eval), a UTF-8 text file, or hf:DATASET[:CONFIG] when online."
 
 
@@ -57,6 +56,9 @@ def main(verbose: bool) -> None:
     # the hub client logs every retry (its level is read from this variable at import); an error
     # reaches the user as windq's one line instead
     os.environ.setdefault("HF_HUB_VERBOSITY", "debug" if verbose else "error")
+
+
+MMAP_THRESHOLD = 1 << 20  # bytes; glibc's default starts at 128 KiB and rises
 
 
 def release_freed_memory() -> None:
