@@ -47,12 +47,14 @@ class BenchConfig:
     speed_tokens: int = 64
     speed_rounds: int = 3
     threads: int = 2
+    policy: str | None = None  # the saved PPO policy `ppo+policy` applies (zero-shot transfer)
 
 
 # a bench method is `NAME[@GRANULARITY][+verify][+exclude]`: +verify is `windq plan --verify` (the
 # chosen plan: the lowest held-in KL of the planner's own, the best uniform and every stock mix that
-# fits), +exclude is `--exclude-source` (the source type, Q4_1 on the default, never planned)
-METHOD_MODIFIERS = ("verify", "exclude")
+# fits), +exclude is `--exclude-source` (the source type, Q4_1 on the default, never planned),
+# +policy (ppo only) applies the bench's --policy instead of training: a policy from another model
+METHOD_MODIFIERS = ("verify", "exclude", "policy")
 
 
 def split_width(variant: str) -> int | None:
@@ -84,7 +86,9 @@ def parse_method(method: str) -> tuple[str, str, tuple[str, ...]]:
     base, *mods = method.split("+")
     name, _, gran = base.partition("@")
     if name not in METHODS or any(m not in METHOD_MODIFIERS for m in mods):
-        raise InputError(f"bench method {method!r}: NAME[@chunk:G][+verify][+exclude], NAME one of {', '.join(METHODS)}")
+        raise InputError(f"bench method {method!r}: NAME[@chunk:G][+verify][+exclude][+policy], NAME one of {', '.join(METHODS)}")
+    if "policy" in mods and name != "ppo":
+        raise InputError(f"bench method {method!r}: +policy applies a saved PPO policy, so only ppo+policy")
     return name, gran or "tensor", tuple(mods)
 
 
@@ -332,7 +336,16 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
     from windq.models.tokenizer import token_chunks
 
     for method in cfg.methods:
-        parse_method(method)  # a bad method or variant is refused before anything is built
+        parse_method(method)  # a bad method, variant or policy is refused before anything is built
+    policy_sha = None
+    if any("policy" in parse_method(m)[2] for m in cfg.methods):
+        from windq.errors import InputError
+        from windq.pipeline.ppo import load_policy
+
+        if cfg.policy is None:
+            raise InputError("bench method ppo+policy needs --policy FILE (a policy saved by `windq plan --save-policy`)")
+        load_policy(cfg.policy)
+        policy_sha = hashlib.sha256(Path(cfg.policy).read_bytes()).hexdigest()
     for variant in cfg.variants:
         split_width(variant)
     say = progress or (lambda _msg: None)
@@ -340,7 +353,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
     out.mkdir(parents=True, exist_ok=True)
     timer = Timer(out / "stages.json")
     src = GGUFModel(resolve_model(cfg.model))
-    built = _build_all(cfg, out, src, timer, say)
+    built = _build_all(cfg, out, src, timer, say, policy_sha)
 
     text = resolve_text(cfg.text, "evaluation")
     ctx = 512
@@ -376,8 +389,9 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
     return _report(cfg, out, rows, timer)
 
 
-def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[str], None]) -> list[Built]:
-    """Every stock mix and every plan of the config, exported once; cached in OUT/results."""
+def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[str], None], policy_sha: str | None) -> list[Built]:
+    """Every stock mix and every plan of the config, exported once; cached in OUT/results (a
+    ppo+policy plan keyed by the policy file's hash too)."""
 
     from windq.errors import BudgetError
     from windq.export.quantize import export_gguf, quantize_bare, quantize_stock_mix
@@ -459,7 +473,8 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
                     try:
                         res = run_planner(m, stats[variant], PlanConfig(
                             bpw=budget, method=name, granularity=gran, episodes=cfg.ppo_episodes, threads=cfg.threads,
-                            objective=cfg.objective, verify="verify" in mods, exclude_source="exclude" in mods))  # fmt: skip
+                            objective=cfg.objective, verify="verify" in mods, exclude_source="exclude" in mods,
+                            policy=cfg.policy if "policy" in mods else None))  # fmt: skip
                     except BudgetError:
                         return Built(variant, method, budget, unreachable=True)
                     plan_s = time.perf_counter() - t0
@@ -477,7 +492,8 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
                               chosen=verified.get("chosen", ""), held_in=verified.get("candidates", []))  # fmt: skip
                     return finish(b, path)
 
-                built.append(cached(f"{base}|{method}|{budget}|{cfg.ppo_episodes}|{cfg.objective}", plan_and_export))
+                key = f"{base}|{method}|{budget}|{cfg.ppo_episodes}|{cfg.objective}" + (f"|{policy_sha}" if "policy" in mods else "")
+                built.append(cached(key, plan_and_export))
     return built
 
 

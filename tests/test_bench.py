@@ -48,6 +48,7 @@ def test_front_kld_at_equal_bytes_and_the_best_rival_that_fits():
     assert best_within(100, stock).kld == 0.1 and best_within(49, stock) is None
 
 
+@pytest.mark.slow  # llama.cpp evaluates two files twice (5 s); make test runs it, make test-fast does not
 def test_lockstep_eval_resumes_chunk_by_chunk_to_the_same_scores(synthetic_gguf, sample_text, tmp_path):
     """An evaluation stopped after one chunk and resumed scores exactly what one uninterrupted
     pass scores, and both equal evaluate_chunks (no cache, one runner per model)."""
@@ -108,9 +109,23 @@ def test_bench_methods_name_an_allocator_a_granularity_and_modifiers():
     assert parse_method("knapsack") == ("knapsack", "tensor", ())
     assert parse_method("ppo@chunk:256+verify") == ("ppo", "chunk:256", ("verify",))
     assert parse_method("knapsack+verify+exclude") == ("knapsack", "tensor", ("verify", "exclude"))
-    for bad in ("greedy", "knapsack+fast", "uniform+"):
+    assert parse_method("ppo+policy") == ("ppo", "tensor", ("policy",))
+    for bad in ("greedy", "knapsack+fast", "uniform+", "knapsack+policy"):
         with pytest.raises(InputError):
             parse_method(bad)
+
+
+def test_a_transferred_policy_is_checked_before_anything_is_built(tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(quick_config(), methods=("knapsack", "ppo+policy"))
+    with pytest.raises(InputError, match="needs --policy"):
+        run_bench(cfg, tmp_path / "a")
+    pickled = tmp_path / "policy.zip"
+    pickled.write_bytes(b"PK\x03\x04 an sb3 zip")
+    with pytest.raises(InputError):
+        run_bench(dataclasses.replace(cfg, policy=str(pickled)), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_pareto_front_keeps_the_points_nothing_beats():

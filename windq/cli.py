@@ -570,11 +570,12 @@ def eval_cmd(model: str, ref: str | None, text: str, ctx: int, chunks: int, thre
 @click.option("--out", default="runs/bench", show_default=True, type=click.Path(file_okay=False), help="Output and cache folder.")
 @click.option("--quick", is_flag=True, help="A CI-sized run: one budget, two mixes, two chunks.")
 @click.option("--budgets", help="Comma-separated bits-per-weight budgets (default 3.0 … 5.5 in steps of 0.5).")
-@click.option("--methods", help="Comma-separated windq methods NAME[@chunk:G][+verify][+exclude], e.g. uniform,knapsack+verify,uniform+exclude,knapsack@chunk:256 (+verify: the verified choice; +exclude: source type never planned).")
+@click.option("--methods", help="Comma-separated windq methods NAME[@chunk:G][+verify][+exclude], e.g. uniform,knapsack+verify,uniform+exclude,knapsack@chunk:256 (+verify: the verified choice; +exclude: source type never planned; ppo+policy: --policy applied, not trained).")
 @click.option("--mixes", help="Comma-separated llama.cpp mixes (default: Q2_K … Q8_0, eleven of them).")
 @click.option("--variants", help="unaligned, aligned, split:N (the FFN-split model, N salient neurons per FFN; no stock mixes, no +verify or ppo); default unaligned,aligned.")
 @click.option("--chunks", type=int, help="512-token held-out chunks per evaluation (default 128: 32,640 scored tokens).")
-def bench_cmd(model, out, quick, budgets, methods, mixes, variants, chunks) -> None:
+@click.option("--policy", type=click.Path(dir_okay=False), help="A policy saved by `windq plan --save-policy` (perhaps on another model), which method ppo+policy applies without training.")
+def bench_cmd(model, out, quick, budgets, methods, mixes, variants, chunks, policy) -> None:
     """Quality versus size, and cost, of windq's plans against llama.cpp's stock mixes.
 
     Every file is built first (cached in OUT/results), then all are evaluated by llama.cpp in
@@ -599,6 +600,8 @@ def bench_cmd(model, out, quick, budgets, methods, mixes, variants, chunks) -> N
         changes["variants"] = split(variants)
     if chunks:
         changes["chunks"] = chunks
+    if policy:
+        changes["policy"] = policy
     cfg = dataclasses.replace(cfg, **changes)
     result = run_bench(cfg, out, progress=lambda msg: click.echo(f"… {msg}", err=True))
     click.echo(result["table"])
