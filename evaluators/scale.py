@@ -8,7 +8,12 @@ recorded, and the exponent of cost against parameter count fitted by least squar
 
 SIZE is WIDTHxLAYERS (ffn 4× the width, 8 heads); the stages are calibrate --stream on --tokens,
 plan at 4.5 bits (tables from --sample-rows rows, knapsack, no verification, no alignment), a
-second plan at 5.0 bits (the tables cached: the knapsack alone) and export of the 4.5-bit plan.
+second plan at 5.0 bits (the tables cached: the knapsack alone), export of the 4.5-bit plan, one
+PPO episode at 4.5 bits (streamed real loss on the judge chunks: the knapsack's KL, the warm
+start, one episode and the policy's plan) and the verification at 5.0 bits against one stock
+mix (Q4_K_M quantized by llama.cpp, then the knapsack, the best uniform plan and the mix each
+measured by the streamed real loss; the full verification tries 24 mixes, each one more
+whole-model quantization).
 --stages picks some of them; two depths at one width show what a layer costs:
 
     python -m windq.evaluators.scale --sizes 1024x8,1024x32 --stages calibrate --out runs/depth
@@ -30,9 +35,10 @@ def stages(model: Path, work: Path, tokens: int, sample_rows: int) -> dict[str, 
     w = [sys.executable, "-m", "windq"]
     stats, plan = work / "stats", work / "plan.json"
 
-    def plan_at(bpw: str, out: Path) -> list[str]:
-        return w + ["plan", str(model), "--stats", str(stats), "--bpw", bpw, "--align", "none", "--no-verify",
-                    "--sample-rows", str(sample_rows), "--out", str(out)]  # fmt: skip
+    def plan_at(bpw: str, out: Path, *extra: str) -> list[str]:
+        verify = [] if "--verify" in extra else ["--no-verify"]
+        return w + ["plan", str(model), "--stats", str(stats), "--bpw", bpw, "--align", "none", *verify,
+                    "--sample-rows", str(sample_rows), *extra, "--out", str(out)]  # fmt: skip
 
     return {
         "calibrate --stream": w + ["calibrate", str(model), "--tokens", str(tokens), "--ctx", "256", "--judge-chunks", "2",
@@ -41,6 +47,8 @@ def stages(model: Path, work: Path, tokens: int, sample_rows: int) -> dict[str, 
         "knapsack plan (tables cached)": plan_at("5.0", work / "plan-5.0.json"),  # the first plan's tables, from cache
         "export": w + ["export", str(model), "--plan", str(plan), "--imatrix", str(stats / "imatrix.gguf"),
                        "--gguf", str(work / "out.gguf")],
+        "ppo (one episode)": plan_at("4.5", work / "plan-ppo.json", "--method", "ppo", "--episodes", "1", "--stream"),
+        "verify (one mix)": plan_at("5.0", work / "plan-verified.json", "--verify", "--verify-mixes", "Q4_K_M", "--stream"),
     }  # fmt: skip
 
 
