@@ -48,6 +48,9 @@ class BenchConfig:
     speed_rounds: int = 3
     threads: int = 2
     policy: str | None = None  # the saved PPO policy `ppo+policy` applies (zero-shot transfer)
+    # `windq fidelity` at every budget and variant (the knapsack's objective against the real KL of
+    # its optimum and this many near-optimal rivals), once per source-type setting the methods use
+    fidelity_rivals: int = 0
 
 
 # a bench method is `NAME[@GRANULARITY][+verify][+exclude]`: +verify is `windq plan --verify` (the
@@ -117,7 +120,7 @@ def quick_config(model: str = "default") -> BenchConfig:
     """A CI-sized run: one budget, two mixes, few chunks."""
     return BenchConfig(
         model=model, budgets=(5.0,), methods=("uniform", "knapsack", "ppo", "knapsack+verify+exclude"), mixes=("Q8_0", "Q4_K_M"),
-        variants=("unaligned", "aligned"), calib_tokens=1024, chunks=2, ppo_episodes=1, speed_tokens=8,
+        variants=("unaligned", "aligned"), calib_tokens=1024, chunks=2, ppo_episodes=1, speed_tokens=8, fidelity_rivals=2,
     )  # fmt: skip
 
 
@@ -353,7 +356,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
     out.mkdir(parents=True, exist_ok=True)
     timer = Timer(out / "stages.json")
     src = GGUFModel(resolve_model(cfg.model))
-    built = _build_all(cfg, out, src, timer, say, policy_sha)
+    built, fidelity = _build_all(cfg, out, src, timer, say, policy_sha)
 
     text = resolve_text(cfg.text, "evaluation")
     ctx = 512
@@ -386,12 +389,14 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
         seconds = {**b.seconds, "eval": sum(secs.values()), "decode": secs["decode_s"]}
         rows.append(Row(b.variant, b.method, b.budget, b.size_mb, b.bpw, r.ppl, r.kld, r.top1, speeds[b.sha256], r.n_scored, seconds,
                         r.ppl_stderr, b.chosen, b.held_in))  # fmt: skip
-    return _report(cfg, out, rows, timer)
+    return _report(cfg, out, rows, timer, fidelity)
 
 
-def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[str], None], policy_sha: str | None) -> list[Built]:
-    """Every stock mix and every plan of the config, exported once; cached in OUT/results (a
-    ppo+policy plan keyed by the policy file's hash too)."""
+def _build_all(
+    cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[str], None], policy_sha: str | None
+) -> tuple[list[Built], list[dict]]:
+    """Every stock mix and every plan of the config, exported once, and the fidelity rows asked
+    for; cached in OUT/results (a ppo+policy plan keyed by the policy file's hash too)."""
 
     from windq.errors import BudgetError
     from windq.export.quantize import export_gguf, quantize_bare, quantize_stock_mix
@@ -494,10 +499,36 @@ def _build_all(cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[st
 
                 key = f"{base}|{method}|{budget}|{cfg.ppo_episodes}|{cfg.objective}" + (f"|{policy_sha}" if "policy" in mods else "")
                 built.append(cached(key, plan_and_export))
-    return built
+    fidelity = []
+    for variant in cfg.variants if cfg.fidelity_rivals else ():
+        if split_width(variant) is not None:
+            continue  # the real loss does not run the split layout
+        m = models[variant]
+        im_sha = load_imatrix(stats[variant] / CalibrationFiles.IMATRIX, m).sha256()
+        for excluded in sorted({"exclude" in parse_method(x)[2] for x in cfg.methods}):
+            for budget in cfg.budgets:
+                def fid(m=m, variant=variant, excluded=excluded, budget=budget) -> dict:
+                    from windq.pipeline import fidelity as fidelity_
+
+                    say(f"fidelity {variant} {budget}{' source excluded' if excluded else ''}")
+                    try:
+                        (r,) = fidelity_.run(m, stats[variant], [budget], rivals=cfg.fidelity_rivals, objectives=(cfg.objective,),
+                                             exclude_source=excluded, threads=cfg.threads)  # fmt: skip
+                    except BudgetError:
+                        return {"variant": variant, "budget": budget, "excluded": excluded, "unreachable": True}
+                    return {"variant": variant, "budget": budget, "excluded": excluded, "plans": len(r.real), "tokens": r.tokens,
+                            "spearman": r.spearman, "split_half": r.judge_split_half, "optimum_rank": r.optimum_rank,
+                            "spread": float(r.real.max() / r.real.min() - 1) if r.real.min() > 0 else float("nan")}  # fmt: skip
+
+                key = f"{m.sha256}|{im_sha}|fidelity|{budget}|{excluded}|{cfg.fidelity_rivals}|{cfg.objective}"
+                path = out / "results" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+                if not path.exists():
+                    atomic_write_text(path, json.dumps(fid()))
+                fidelity.append(json.loads(path.read_text()))
+    return built, fidelity
 
 
-def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer) -> dict:
+def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer, fidelity: list[dict] = ()) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -576,6 +607,21 @@ def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer) -> dict:
             lines.append(f"| {r.variant} | {r.method} | {'—' if r.budget is None else f'{r.budget:g}'} | {r.size_mb:.2f} | {r.kld:.4f} | {cells[0]} | {cells[1]} "
                          f"| {'outside the front' if front is None else f'{front:.4f}'} | {'—' if front is None else f'{r.kld / front:.3f}'} |")  # fmt: skip
 
+    # does the knapsack's objective rank near-optimal plans as the real loss does? (target ≥ 0.9)
+    if fidelity:
+        lines += ["", f"Fidelity (`windq fidelity`, objective `{cfg.objective}`): the knapsack's optimum and {cfg.fidelity_rivals} near-optimal "
+                  "rivals measured by the real KL on the held-in judge tokens; Spearman between predicted and real, the judge's "
+                  "split-half agreement (its own noise floor), the optimum's rank and how far the worst plan is above the best.", "",
+                  "| variant | source type | budget | plans | Spearman | judge split-half | optimum's rank | worst ÷ best − 1 |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for f in sorted(fidelity, key=lambda f: (f["variant"], f["excluded"], f["budget"])):
+            src_type = "excluded" if f["excluded"] else "allowed"
+            if f.get("unreachable"):
+                lines.append(f"| {f['variant']} | {src_type} | {f['budget']:g} | unreachable | | | | |")
+                continue
+            lines.append(f"| {f['variant']} | {src_type} | {f['budget']:g} | {f['plans']} | {f['spearman']:.2f} | {f['split_half']:.2f} "
+                         f"| {f['optimum_rank']} | {100 * f['spread']:.1f} % |")  # fmt: skip
+
     # size at equal PPL: windq's best plan at each budget against llama.cpp's best mixes
     lines += ["", "| budget | windq best (variant, method) | size (MB) | PPL | llama.cpp size at that PPL (MB) | ratio |", "|---:|---|---:|---:|---:|---:|"]
     ratios = {}
@@ -651,7 +697,7 @@ def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer) -> dict:
         with atomic_output(out / fname) as tmp:
             fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
-    summary = {"rows": [asdict(r) for r in rows], "ratios": ratios, "stages": stage, "export_ratio": export_ratio,
+    summary = {"rows": [asdict(r) for r in rows], "fidelity": list(fidelity), "ratios": ratios, "stages": stage, "export_ratio": export_ratio,
                "eval_ratio": eval_ratio, "config": asdict(cfg)}  # fmt: skip
     atomic_write_text(out / "bench.json", json.dumps(summary, indent=1, default=str))
     return {"table": table, **summary}

@@ -16,6 +16,12 @@ def test_quick_bench_runs_end_to_end_and_resumes(synthetic_gguf, tmp_path):
         if r["budget"] is not None:
             assert r["bpw"] <= r["budget"] + 1e-9  # exported files honour the budget
     assert (tmp_path / "pareto-ppl.png").stat().st_size > 0 and "| variant |" in (tmp_path / "bench.md").read_text()
+    # fidelity at the budget, per variant and per source-type setting the methods use
+    fid = {(f["variant"], f["excluded"]): f for f in first["fidelity"]}
+    assert set(fid) == {(v, e) for v in ("unaligned", "aligned") for e in (False, True)}
+    for f in fid.values():
+        assert f["plans"] == 3 and -1 <= f["spearman"] <= 1 and f["optimum_rank"] >= 1
+    assert "Fidelity (`windq fidelity`" in (tmp_path / "bench.md").read_text()
     # a rerun reads every result from the cache instead of recomputing it
     def cache():
         return {p.name: p.stat().st_mtime_ns for d in ("results", "evals", "gguf") for p in (tmp_path / d).iterdir()}

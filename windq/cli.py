@@ -575,7 +575,9 @@ def eval_cmd(model: str, ref: str | None, text: str, ctx: int, chunks: int, thre
 @click.option("--variants", help="unaligned, aligned, split:N (the FFN-split model, N salient neurons per FFN; no stock mixes, no +verify or ppo); default unaligned,aligned.")
 @click.option("--chunks", type=int, help="512-token held-out chunks per evaluation (default 128: 32,640 scored tokens).")
 @click.option("--policy", type=click.Path(dir_okay=False), help="A policy saved by `windq plan --save-policy` (perhaps on another model), which method ppo+policy applies without training.")
-def bench_cmd(model, out, quick, budgets, methods, mixes, variants, chunks, policy) -> None:
+@click.option("--fidelity", "fidelity_rivals", type=click.IntRange(min=0), default=0, show_default=True,
+              help="At every budget and variant, also measure the objective's fidelity (`windq fidelity`) over the optimum and this many near-optimal rivals (0: not measured).")
+def bench_cmd(model, out, quick, budgets, methods, mixes, variants, chunks, policy, fidelity_rivals) -> None:
     """Quality versus size, and cost, of windq's plans against llama.cpp's stock mixes.
 
     Every file is built first (cached in OUT/results), then all are evaluated by llama.cpp in
@@ -602,6 +604,8 @@ def bench_cmd(model, out, quick, budgets, methods, mixes, variants, chunks, poli
         changes["chunks"] = chunks
     if policy:
         changes["policy"] = policy
+    if fidelity_rivals:
+        changes["fidelity_rivals"] = fidelity_rivals
     cfg = dataclasses.replace(cfg, **changes)
     result = run_bench(cfg, out, progress=lambda msg: click.echo(f"… {msg}", err=True))
     click.echo(result["table"])
