@@ -41,6 +41,7 @@ def test_an_imatrix_entry_that_saw_no_tokens_is_refused():
         im.data
 
 
+@pytest.mark.slow  # builds a second calibration's tables (5 s); make test runs it, make test-fast does not
 def test_missing_importance_is_recorded_in_the_plan(synthetic_gguf, synthetic_stats):
     res = run_planner(GGUFModel(synthetic_gguf), synthetic_stats, PlanConfig(bpw=5.0))
     sub = res.plan.provenance["importance_substituted"]

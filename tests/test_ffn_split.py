@@ -136,6 +136,7 @@ def test_split_calibration_is_the_sources_sliced(synthetic_gguf, synthetic_stats
     assert np.array_equal(im["blk.0.attn_q.weight"], im_src["blk.0.attn_q.weight"])
 
 
+@pytest.mark.slow  # the split model's tables (17 s); make test runs it, make test-fast does not
 def test_split_model_plans_exports_and_refuses_verification(split_workspace_, tmp_path):
     """The planner plans the split model under a budget, each group its own type, and export writes
     exactly that; the torch verification, which cannot run granitemoe, is refused before any work."""

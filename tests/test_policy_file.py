@@ -65,6 +65,7 @@ def test_plan_refuses_a_crafted_policy_without_running_it(tmp_path, synthetic_gg
     assert not marker.exists()
 
 
+@pytest.mark.slow  # trains PPO (5 s); make test runs it, make test-fast does not
 def test_policy_round_trip_plans_the_same(tmp_path, synthetic_gguf, synthetic_stats):
     m = GGUFModel(synthetic_gguf)
     trained = run_planner(m, synthetic_stats, PlanConfig(bpw=4.0, method="ppo", episodes=2, seed=5, real_loss_tokens=0))

@@ -117,6 +117,7 @@ def test_unit_features_give_every_tensor_its_own_kind(synthetic_gguf, statsdir):
         assert kinds[int(one_hot.argmax())] == want, u.tensor  # attn_output is not output
 
 
+@pytest.mark.slow  # trains PPO with a real loss (4 s); make test runs it, make test-fast does not
 def test_ppo_improves_on_its_warm_start_where_the_additive_optimum_is_wrong():
     """Eight tensors, each Q8_0 or Q4_0, a budget that forces two of them down. The proxy is
     additive, so the knapsack drops the two with the least proxy error, A and B; the real loss

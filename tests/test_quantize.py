@@ -24,6 +24,7 @@ def synth_size(synthetic_gguf):
     return file_overhead(m) + int(5.0 * m.n_real_weights / 8)
 
 
+@pytest.mark.slow  # calibrates, plans and exports twice (4 s); make test runs it, make test-fast does not
 def test_a_size_budget_gives_a_file_within_it_and_the_calibration_is_cached(synthetic_gguf, synth_size, tmp_path):
     m, text, cache = GGUFModel(synthetic_gguf), wiki_text("calibration"), tmp_path / "cache"
     first = quantize(m, text, tmp_path / "a.gguf", Budget(size=synth_size), CFG, calibration=SMALL, cache=cache, align="none")
@@ -42,6 +43,7 @@ def test_a_size_budget_gives_a_file_within_it_and_the_calibration_is_cached(synt
     assert calibration_key(m, text, dataclasses.replace(SMALL, threads=1)) == key
 
 
+@pytest.mark.slow  # calibrates through the CLI (4 s); make test runs it, make test-fast does not
 def test_a_size_too_small_is_refused_and_nothing_is_written(synthetic_gguf, tmp_path):
     m = GGUFModel(synthetic_gguf)
     with pytest.raises(BudgetError):

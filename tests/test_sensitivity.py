@@ -28,6 +28,7 @@ def test_error_ranks_q8_0_below_q4_k_below_q2_k(tables):
         assert e["F32"] == 0.0
 
 
+@pytest.mark.slow  # every type's chunk tables (4 s); make test runs it, make test-fast does not
 def test_chunks_sum_to_the_whole_tensor(synthetic_gguf, imatrix, tables):
     whole = compute_tables(GGUFModel(synthetic_gguf), imatrix, group=None)
     for name, t in tables.tensors.items():

@@ -55,6 +55,7 @@ def test_verified_plan_is_the_best_measured_candidate_within_budget(synthetic_gg
     assert r.plan.achieved_bpw <= 5.0 + 1e-9
 
 
+@pytest.mark.slow  # 11 plans' real KL in torch (7 s); make test runs it, make test-fast does not
 def test_fidelity_command_measures_the_optimum_and_its_rivals(synthetic_gguf, synthetic_stats):
     import json
 
