@@ -570,13 +570,13 @@ def eval_cmd(model: str, ref: str | None, text: str, ctx: int, chunks: int, thre
 @click.option("--out", default="runs/bench", show_default=True, type=click.Path(file_okay=False), help="Output and cache folder.")
 @click.option("--quick", is_flag=True, help="A CI-sized run: one budget, two mixes, two chunks.")
 @click.option("--budgets", help="Comma-separated bits-per-weight budgets (default 3.0 … 5.5 in steps of 0.5).")
-@click.option("--methods", help="Comma-separated windq methods NAME[@chunk:G][+verify][+exclude], e.g. uniform,knapsack+verify,uniform+exclude,knapsack@chunk:256 (+verify: the verified choice; +exclude: source type never planned; ppo+policy: --policy applied, not trained).")
+@click.option("--methods", help="Comma-separated windq methods NAME[@chunk:G][+verify][+exclude][+policy], e.g. uniform,knapsack+verify,uniform+exclude,knapsack@chunk:256 (+verify: the verified choice; +exclude: source type never planned; ppo+policy: --policy applied, not trained).")
 @click.option("--mixes", help="Comma-separated llama.cpp mixes (default: Q2_K … Q8_0, eleven of them).")
 @click.option("--variants", help="unaligned, aligned, split:N (the FFN-split model, N salient neurons per FFN; no stock mixes, no +verify or ppo); default unaligned,aligned.")
 @click.option("--chunks", type=int, help="512-token held-out chunks per evaluation (default 128: 32,640 scored tokens).")
 @click.option("--policy", type=click.Path(dir_okay=False), help="A policy saved by `windq plan --save-policy` (perhaps on another model), which method ppo+policy applies without training.")
-@click.option("--fidelity", "fidelity_rivals", type=click.IntRange(min=0), default=0, show_default=True,
-              help="At every budget and variant, also measure the objective's fidelity (`windq fidelity`) over the optimum and this many near-optimal rivals (0: not measured).")
+@click.option("--fidelity", "fidelity_rivals", type=click.IntRange(min=0),
+              help="At every budget and variant, also measure the objective's fidelity (`windq fidelity`) over the optimum and this many near-optimal rivals (0: not measured; default 0, 2 with --quick).")
 def bench_cmd(model, out, quick, budgets, methods, mixes, variants, chunks, policy, fidelity_rivals) -> None:
     """Quality versus size, and cost, of windq's plans against llama.cpp's stock mixes.
 
@@ -604,7 +604,7 @@ def bench_cmd(model, out, quick, budgets, methods, mixes, variants, chunks, poli
         changes["chunks"] = chunks
     if policy:
         changes["policy"] = policy
-    if fidelity_rivals:
+    if fidelity_rivals is not None:
         changes["fidelity_rivals"] = fidelity_rivals
     cfg = dataclasses.replace(cfg, **changes)
     result = run_bench(cfg, out, progress=lambda msg: click.echo(f"… {msg}", err=True))
