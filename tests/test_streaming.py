@@ -4,6 +4,7 @@ every supported architecture; and it runs under a memory cap that the whole-mode
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,8 @@ from windq.models.gguf_model import GGUFModel
 from windq.models.sources import wiki_text
 from windq.models.synthetic import SyntheticConfig, write_synthetic_gguf
 from windq.pipeline.calibrate import CalibrationConfig, calibrate, torch_threads
-from windq.pipeline.real_loss import RealLoss
+from windq import registry
+from windq.pipeline.real_loss import RealLoss, SpilledBytes
 
 # llama untied and tied (a tied head's two gradients meet in one Fisher), Gemma 3's scaled tied
 # embedding, the fused phi3, and the rest as the architectures test lists them; and llama with
@@ -69,6 +71,32 @@ def test_streamed_real_loss_equals_the_whole_model(model):
     assert k_whole.min() > 1e-4
     assert close(k_streamed, k_whole) < 1e-5
     assert source == 0.0  # back at the source plan, the streamed model is the reference again
+
+
+def test_the_real_loss_keeps_its_quantized_bytes_in_a_file_not_in_memory(tmp_path):
+    """The cache of quantized bytes is a whole plan or more (a 3B model's is gigabytes): it is written
+    to an unlinked file, each entry once, and read back exactly."""
+    rng = np.random.default_rng(0)
+    cache = SpilledBytes()
+    entries = {("a", "Q4_0"): rng.integers(0, 256, 1000, dtype=np.uint8), ("b", "Q8_0"): rng.integers(0, 256, 7, dtype=np.uint8)}
+    for key, data in entries.items():
+        cache.put(key, data)
+    assert len(cache) == 2 and cache.nbytes == 1007 == os.fstat(cache._file.fileno()).st_size
+    for key, data in entries.items():
+        np.testing.assert_array_equal(cache.get(key), data)
+    with pytest.raises(KeyError):
+        cache.put(("a", "Q4_0"), entries[("a", "Q4_0")])
+    cache.close()
+
+    model = GGUFModel(write_synthetic_gguf(tmp_path / "m.gguf", SyntheticConfig()))
+    planned = [t.name for t in model.quantizable()]
+    plan = {t: ("Q4_0" if i % 2 else "Q8_0") for i, t in enumerate(planned)}
+    with torch_threads(1):
+        judge = RealLoss(model, None, rng.integers(3, 259, (1, 32)), stream=True)
+        first = judge.kl(plan)
+        spent = judge._bytes.nbytes
+        assert spent == sum(registry.get(plan[t]).nbytes(model.tensors[t].shape) for t in planned)
+        assert judge.kl(plan) == first and judge._bytes.nbytes == spent  # read back, not quantized again
 
 
 @pytest.mark.slow
