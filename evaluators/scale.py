@@ -11,9 +11,9 @@ plan at 4.5 bits (tables from --sample-rows rows, knapsack, no verification, no 
 second plan at 5.0 bits (the tables cached: the knapsack alone), export of the 4.5-bit plan, one
 PPO episode at 4.5 bits (streamed real loss on the judge chunks: the knapsack's KL, the warm
 start, one episode and the policy's plan) and the verification at 5.0 bits against one stock
-mix (Q4_K_M quantized by llama.cpp, then the knapsack, the best uniform plan and the mix each
-measured by the streamed real loss; the full verification tries 24 mixes, each one more
-whole-model quantization).
+mix (Q4_K_M's types from llama.cpp's dry run, then the knapsack, the best uniform plan and the
+mix each measured by the streamed real loss; the full verification tries 24 mixes, each one
+more dry run and, where it fits the budget, one more real-loss measurement).
 --stages picks some of them; two depths at one width show what a layer costs:
 
     python -m windq.evaluators.scale --sizes 1024x8,1024x32 --stages calibrate --out runs/depth

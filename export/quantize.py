@@ -74,15 +74,26 @@ def export_gguf(
     return report
 
 
-def quantize_stock_mix(model: GGUFModel, mix: str, out: str | Path, *, imatrix: Mapping[str, np.ndarray] | None = None) -> Path:
-    """llama.cpp's own mix (`Q4_K_M`, `IQ2_XS`, …) with its own rules and fallbacks: the rival a
-    windq plan is judged against. Written atomically, like every windq output."""
+def mix_ftype(mix: str) -> int:
     name = f"MOSTLY_{mix}"
     if name not in gguf.LlamaFileType.__members__:
         raise ExportError(f"{mix}: not a llama.cpp file type (for example Q4_K_M, IQ2_XS, Q8_0)")
+    return int(gguf.LlamaFileType[name])
+
+
+def quantize_stock_mix(model: GGUFModel, mix: str, out: str | Path, *, imatrix: Mapping[str, np.ndarray] | None = None) -> Path:
+    """llama.cpp's own mix (`Q4_K_M`, `IQ2_XS`, …) with its own rules and fallbacks: the rival a
+    windq plan is judged against. Written atomically, like every windq output."""
+    ftype = mix_ftype(mix)
     with atomic_output(out) as tmp:
-        llama_quantize.quantize_file(str(model.path), str(tmp), ftype=int(gguf.LlamaFileType[name]), imatrix=dict(imatrix) if imatrix else None)
+        llama_quantize.quantize_file(str(model.path), str(tmp), ftype=ftype, imatrix=dict(imatrix) if imatrix else None)
     return Path(out)
+
+
+def stock_mix_types(model: GGUFModel, mix: str, *, imatrix: Mapping[str, np.ndarray] | None = None) -> dict[str, str]:
+    """The type `quantize_stock_mix` would give every tensor, from llama.cpp's dry run: nothing
+    quantized, nothing written."""
+    return llama_quantize.dry_run_types(str(model.path), ftype=mix_ftype(mix), imatrix=dict(imatrix) if imatrix else None)
 
 
 def quantize_bare(model: GGUFModel, plan: Plan, out: str | Path, *, imatrix: Mapping[str, np.ndarray] | None = None) -> Path:

@@ -277,7 +277,7 @@ def run_planner(
         except BudgetError:
             pass  # no single type fits: nothing to compare with
         stock = verify.stock_candidates(
-            model, set(types), budget, tp.fixed_bytes, tp.n_weights, data, im.sha256(), statsdir, allowed=allowed,
+            model, set(types), budget, tp.fixed_bytes, tp.n_weights, data, allowed=allowed,
             mixes=cfg.verify_mixes or verify.STOCK_MIXES, progress=bar("mixes"),
         )
         stock = [dataclasses.replace(c, predicted=verify.predicted(tp, c.types)) for c in stock]

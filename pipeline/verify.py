@@ -7,23 +7,20 @@ model holding exactly the GGUF's weights) on the judge chunks, held-in tokens th
 imatrix nor the Fisher saw. The lowest KL wins: windq never hands over a plan that a single type or
 a stock mix beats at the same size on held-in data. The table goes into the plan's provenance.
 
-A stock mix's types are read back from the file llama.cpp writes (its rules and fallbacks are its
-own); they are cached in the calibration folder, keyed by model, imatrix and mix.
+A stock mix's types are llama.cpp's own (its rules and fallbacks), from its quantizer's dry run
+(a fraction of a second each: nothing is quantized).
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
 
 from windq import registry
 from windq.errors import BudgetError
-from windq.files import atomic_write_text
 from windq.models.gguf_model import GGUFModel
 from windq.pipeline import allocate
 
@@ -62,22 +59,6 @@ def predicted(p: "allocate.Problem", types: Mapping[str, str]) -> float | None:
     return p.error_of(np.array([u.types.index(types[u.tensor]) for u in p.units]))
 
 
-def mix_types(model: GGUFModel, mix: str, imatrix: Mapping[str, np.ndarray], cache: Path, imatrix_sha256: str) -> dict[str, str]:
-    """The type llama.cpp's `mix` gives every tensor of `model` with this imatrix (cached)."""
-    from windq.export.quantize import quantize_stock_mix
-
-    path = cache / f"mix-{mix}-{model.sha256[:12]}-{imatrix_sha256[:12]}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        out = quantize_stock_mix(model, mix, Path(tmp) / "mix.gguf", imatrix=imatrix)
-        written = GGUFModel(out)
-        types = {n: info.type_name for n, info in written.tensors.items()}
-        del written
-    atomic_write_text(path, json.dumps(types, indent=0) + "\n")
-    return types
-
-
 def stock_candidates(
     model: GGUFModel,
     planned: set[str],
@@ -85,17 +66,17 @@ def stock_candidates(
     fixed_bytes: int,
     n_weights: int,
     imatrix: Mapping[str, np.ndarray],
-    imatrix_sha256: str,
-    cache: Path,
     *,
     allowed: tuple[str, ...] | None = None,
     mixes: tuple[str, ...] = STOCK_MIXES,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Candidate]:
     """Every mix whose file fits the budget and uses only `allowed` types on the planned tensors."""
+    from windq.export.quantize import stock_mix_types
+
     out = []
     for i, mix in enumerate(mixes):
-        types = mix_types(model, mix, imatrix, cache, imatrix_sha256)
+        types = stock_mix_types(model, mix, imatrix=imatrix)
         if progress:
             progress(i + 1, len(mixes))
         if set(types) != set(model.tensors):

@@ -46,3 +46,30 @@ def test_recipe_is_a_tensor_type_file(synthetic_gguf, tmp_path):
     lines = write_recipe(plan, tmp_path / "recipe.txt").read_text().splitlines()
     assert len(lines) == len(plan.tensors)
     assert r"^blk\.0\.attn_q\.weight$=q4_k" in lines
+
+
+def _mix_types_both_ways(path, mix, tmp_path, imatrix=None):
+    from windq.export.quantize import quantize_stock_mix, stock_mix_types
+
+    m = GGUFModel(path)
+    written = GGUFModel(quantize_stock_mix(m, mix, tmp_path / f"{mix}.gguf", imatrix=imatrix))
+    return stock_mix_types(m, mix, imatrix=imatrix), {n: info.type_name for n, info in written.tensors.items()}
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "IQ2_XS", "Q3_K_S"])
+def test_a_stock_mix_dry_run_names_the_types_llama_cpp_writes(synthetic_gguf, synthetic_stats, tmp_path, mix):
+    """The verification takes a mix's types from llama.cpp's dry run instead of quantizing the model."""
+    from windq.pipeline.imatrix import load_imatrix
+
+    im = load_imatrix(synthetic_stats / "imatrix.gguf", GGUFModel(synthetic_gguf)).data
+    dry, written = _mix_types_both_ways(synthetic_gguf, mix, tmp_path, im)
+    assert dry == written and len(set(written.values())) > 1  # its rules, not one type everywhere
+
+
+@pytest.mark.slow  # three whole-model quantizations of the default
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q3_K_S", "Q5_K_S"])
+def test_a_stock_mix_dry_run_names_llama_cpps_fallbacks_on_the_default(default_gguf, tmp_path, mix):
+    """On the default's 576-wide rows llama.cpp falls back from K types to others: the dry run says so."""
+    dry, written = _mix_types_both_ways(default_gguf, mix, tmp_path)
+    assert dry == written
+    assert any(t in ("Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q4_0", "Q4_1") for n, t in written.items() if "ffn_up" in n)
