@@ -392,6 +392,29 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: Callable[[str], None]
     return _report(cfg, out, rows, timer, fidelity)
 
 
+class ResultCache:
+    """JSON results in a folder, one file per key (named by the key's hash), written atomically: what
+    a resumed bench reads instead of recomputing."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+    def __contains__(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def get(self, key: str, make: Callable[[], dict]) -> dict:
+        """The result stored under `key`, or `make()`'s, stored first."""
+        from windq.files import atomic_write_text
+
+        path = self._path(key)
+        if not path.exists():
+            atomic_write_text(path, json.dumps(make()))
+        return json.loads(path.read_text())
+
+
 def _build_all(
     cfg: BenchConfig, out: Path, src, timer: Timer, say: Callable[[str], None], policy_sha: str | None
 ) -> tuple[list[Built], list[dict]]:
@@ -400,7 +423,6 @@ def _build_all(
 
     from windq.errors import BudgetError
     from windq.export.quantize import export_gguf, quantize_bare, quantize_stock_mix
-    from windq.files import atomic_write_text
     from windq.models.align import align_gguf
     from windq.models.gguf_model import GGUFModel, file_sha256
     from windq.models.sources import resolve_text
@@ -436,13 +458,10 @@ def _build_all(
             timer(f"split ({salient})", split_workspace, src, stats["unaligned"], salient, work)
         models[variant], stats[variant] = GGUFModel(work / SPLIT_MODEL_FILE), work / SPLIT_STATS
 
+    results = ResultCache(out / "results")
+
     def cached(key: str, make: Callable[[], Built]) -> Built:
-        path = out / "results" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-        if path.exists():
-            return Built(**json.loads(path.read_text()))
-        b = make()
-        atomic_write_text(path, json.dumps(asdict(b)))
-        return b
+        return Built(**results.get(key, lambda: asdict(make())))
 
     def finish(b: Built, path: Path) -> Built:
         m = GGUFModel(path)
@@ -503,29 +522,38 @@ def _build_all(
     for variant in cfg.variants if cfg.fidelity_rivals else ():
         if split_width(variant) is not None:
             continue  # the real loss does not run the split layout
-        m = models[variant]
-        im_sha = load_imatrix(stats[variant] / CalibrationFiles.IMATRIX, m).sha256()
-        for excluded in sorted({"exclude" in parse_method(x)[2] for x in cfg.methods}):
-            for budget in cfg.budgets:
-                def fid(m=m, variant=variant, excluded=excluded, budget=budget) -> dict:
-                    from windq.pipeline import fidelity as fidelity_
-
-                    say(f"fidelity {variant} {budget}{' source excluded' if excluded else ''}")
-                    try:
-                        (r,) = fidelity_.run(m, stats[variant], [budget], rivals=cfg.fidelity_rivals, objectives=(cfg.objective,),
-                                             exclude_source=excluded, threads=cfg.threads)  # fmt: skip
-                    except BudgetError:
-                        return {"variant": variant, "budget": budget, "excluded": excluded, "unreachable": True}
-                    return {"variant": variant, "budget": budget, "excluded": excluded, "plans": len(r.real), "tokens": r.tokens,
-                            "spearman": r.spearman, "split_half": r.judge_split_half, "optimum_rank": r.optimum_rank,
-                            "spread": float(r.real.max() / r.real.min() - 1) if r.real.min() > 0 else float("nan")}  # fmt: skip
-
-                key = f"{m.sha256}|{im_sha}|fidelity|{budget}|{excluded}|{cfg.fidelity_rivals}|{cfg.objective}"
-                path = out / "results" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-                if not path.exists():
-                    atomic_write_text(path, json.dumps(fid()))
-                fidelity.append(json.loads(path.read_text()))
+        fidelity += _fidelity_rows(cfg, variant, models[variant], stats[variant], results, say)
     return built, fidelity
+
+
+def _fidelity_rows(cfg: BenchConfig, variant: str, m, statsdir: Path, results: "ResultCache", say: Callable[[str], None]) -> list[dict]:
+    """`windq fidelity` at every budget, once per source-type setting the methods use: one judge per
+    setting for all its uncached budgets."""
+    from windq.pipeline import fidelity as fidelity_
+    from windq.pipeline.imatrix import load_imatrix
+
+    im = load_imatrix(statsdir / CalibrationFiles.IMATRIX, m)
+    rows = []
+    for excluded in sorted({"exclude" in parse_method(x)[2] for x in cfg.methods}):
+        def key(budget: float) -> str:
+            return f"{m.sha256}|{im.sha256()}|fidelity|{budget}|{excluded}|{cfg.fidelity_rivals}|{cfg.objective}"
+
+        def measure(todo: list[float]) -> dict[float, dict]:
+            say(f"fidelity {variant} {', '.join(map(str, todo))}{' source excluded' if excluded else ''}")
+            done = fidelity_.run(m, statsdir, todo, rivals=cfg.fidelity_rivals, objectives=(cfg.objective,),
+                                 exclude_source=excluded, threads=cfg.threads, skip_unreachable=True)  # fmt: skip
+            got = {r.bpw: {"plans": len(r.real), "tokens": r.tokens, "spearman": r.spearman, "split_half": r.judge_split_half,
+                           "optimum_rank": r.optimum_rank,
+                           "spread": float(r.real.max() / r.real.min() - 1) if r.real.min() > 0 else float("nan")}
+                   for r in done}  # fmt: skip
+            return {b: got.get(b, {"unreachable": True}) for b in todo}
+
+        # the budgets not measured before are measured together, with one judge
+        todo = [b for b in cfg.budgets if key(b) not in results]
+        measured = measure(todo) if todo else {}
+        for b in cfg.budgets:
+            rows.append({"variant": variant, "budget": b, "excluded": excluded, **results.get(key(b), lambda b=b: measured[b])})
+    return rows
 
 
 def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer, fidelity: list[dict] = ()) -> dict:

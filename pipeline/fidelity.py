@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from windq.errors import BudgetError
 from windq.pipeline import allocate
 
 
@@ -125,10 +126,13 @@ def run(
     tokens: int = 2048,
     seed: int = 0,
     threads: int | None = None,
+    skip_unreachable: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[FidelityResult]:
     """Fidelity of each objective at each budget (objective by objective), on `tokens` judge
-    tokens; one judge serves them all, so its reference logits and quantized weights are made once."""
+    tokens; one judge serves them all, so its reference logits and quantized weights are made once.
+    A budget below the smallest plan is refused (BudgetError) before anything is measured, or with
+    `skip_unreachable` left out of the results (each result names its budget)."""
     from pathlib import Path
 
     from windq.keys import CalibrationFiles
@@ -144,12 +148,21 @@ def run(
     tables = load_tables(model, statsdir, im.data, im.sha256(), threads=threads, progress=bar("tables"))
     allowed = allowed_types(model, tables, PlanConfig(bpw=0.0, exclude_source=exclude_source))
     problems = {o: allocate.build_problem(model, tables, allowed=allowed, objective=o) for o in objectives}
-    for p in problems.values():
-        for b in budgets:
-            p.check_budget(b)  # every budget and objective refused before the torch model is built
+    reachable = []
+    for b in budgets:
+        try:
+            for p in problems.values():
+                p.check_budget(b)  # every budget and objective refused before the torch model is built
+        except BudgetError:
+            if not skip_unreachable:
+                raise
+            continue
+        reachable.append(b)
+    if not reachable:
+        return []
     judge = RealLoss(model, im.data, judge_sequences(load_judge_tokens(statsdir), tokens))
     return [
         measure(p, b, judge.kl_per_sequence, rivals=rivals, objective=o, seed=seed, tokens=judge.n_tokens, progress=bar(f"{o} {b:g} bits"))
         for o, p in problems.items()
-        for b in budgets
+        for b in reachable
     ]

@@ -74,6 +74,16 @@ def test_fidelity_command_measures_the_optimum_and_its_rivals(synthetic_gguf, sy
     assert_one_line_error(windq("fidelity", synthetic_gguf, "--stats", synthetic_stats, "--bpw", "5", "--objective", "mse"), "mse")
 
 
+def test_fidelity_refuses_an_unreachable_budget_or_leaves_it_out(synthetic_gguf, synthetic_stats):
+    from windq.errors import BudgetError
+    from windq.models.gguf_model import GGUFModel
+
+    m = GGUFModel(synthetic_gguf)
+    with pytest.raises(BudgetError):
+        fidelity.run(m, synthetic_stats, [0.5], rivals=1)
+    assert fidelity.run(m, synthetic_stats, [0.5], rivals=1, skip_unreachable=True) == []  # and no judge built
+
+
 def test_fidelity_judge_split_half_compares_the_judge_with_itself(monkeypatch):
     """Each plan's KL is the mean over the judge's sequences; the split-half figure ranks the plans
     on either half of them: 1 when both halves order the plans alike, -1 when they reverse it."""
