@@ -21,6 +21,7 @@ GGUF's own vocabulary, so calibration and evaluation see the same tokens.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -210,7 +211,7 @@ def load_torch_model(model: GGUFModel):
     from transformers import AutoModelForCausalLM
 
     config = torch_config(model, arch.model_type)
-    with quiet_transformers():
+    with quiet_transformers(), cached_tensor_name_maps():
         m = AutoModelForCausalLM.from_pretrained(
             str(model.path.parent), gguf_file=model.path.name, config=config, dtype=torch.float32
         )
@@ -238,6 +239,23 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def cached_tensor_name_maps() -> Iterator[None]:
+    """gguf-py's `get_tensor_name_map` memoized for the block, then as it was. transformers' GGUF
+    loader asks for the map once per module it walks (1,588 times for the 135M default, 4 walks),
+    and every call builds gguf-py's whole table of tensor names anew: profiled, 27 of the 30 s
+    that loading the default into torch took. The map is only read, so one per (architecture,
+    depth) serves every call."""
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.cache(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
 
 
 @contextmanager
@@ -274,7 +292,8 @@ def parameter_tensors(model: GGUFModel, torch_model) -> dict[int, str]:
     embedding's own parameter, so it maps to token_embd."""
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
-    hf_names = get_gguf_hf_weights_map(torch_model, weight_processor(model, torch_model))
+    with cached_tensor_name_maps():
+        hf_names = get_gguf_hf_weights_map(torch_model, weight_processor(model, torch_model))
     params = dict(torch_model.named_parameters())
     out: dict[int, str] = {}
     for tensor in model.tensors:
