@@ -111,3 +111,26 @@ def test_tensor_name_maps_are_built_once_inside_the_block_and_gguf_is_left_as_it
         assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
     assert gguf.get_tensor_name_map is original
     assert original(gguf.MODEL_ARCH.LLAMA, 2) is not original(gguf.MODEL_ARCH.LLAMA, 2)  # what it saves: a new map each call
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_output_heads_importance_is_what_the_head_sees_in_a_whole_forward(tmp_path, tied):
+    """Calibration runs the decoder without the head (its logits are not needed) and gives the head
+    the decoder's last hidden state: the same input a hook on the head sees when the model runs whole."""
+    import torch
+
+    from windq.models.synthetic import SyntheticConfig, write_synthetic_gguf
+    from windq.pipeline.calibrate import load_torch_model
+
+    m = GGUFModel(write_synthetic_gguf(tmp_path / "m.gguf", SyntheticConfig(tied=tied)))
+    cal = calibrate(m, wiki_text("calibration"), CalibrationConfig(tokens=256, ctx=64, fisher_chunks=1, judge_chunks=1, threads=1))
+    head_tensor = "token_embd.weight" if tied else "output.weight"
+    tm, seen = load_torch_model(m), []
+    tm.get_output_embeddings().register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().double().numpy()))
+    with torch.inference_mode():
+        for chunk in cal.tokens:
+            tm(torch.from_numpy(chunk[None]), use_cache=False)
+    x = np.concatenate([s.reshape(-1, s.shape[-1]) for s in seen])
+    assert cal.imatrix.counts[head_tensor] == len(x) == 256
+    np.testing.assert_allclose(cal.stats[head_tensor].sum_sq, (x**2).sum(0), rtol=1e-5)
+    np.testing.assert_allclose(cal.stats[head_tensor].max_abs, np.abs(x).max(0), rtol=1e-6)
