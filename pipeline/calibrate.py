@@ -482,13 +482,13 @@ def calibrate(
     # The imatrix needs the output head's input, not its output: the decoder alone runs, and its
     # last hidden state (after the final norm) is what the head would have been given. The head's
     # logits were a fifth of the default model's work per token and 512 × vocabulary floats a chunk.
-    head = tm.get_output_embeddings()
+    decoder, head = tm.get_decoder(), tm.get_output_embeddings()
     head_module = next(n for n, mod in tm.named_modules() if mod is head)
     stats: dict[str, ActivationStats] = {}
     with torch_threads(cfg.threads), torch.inference_mode(), observe_linear_inputs(tm, {n: t for n, t in names.items() if n != head_module}, stats):
         head_stats = stats.setdefault(names[head_module], ActivationStats.empty(head.in_features))
         for i in range(n_chunks):
-            hidden = tm.get_decoder()(torch.from_numpy(tokens[i : i + 1]), use_cache=False).last_hidden_state
+            hidden = decoder(torch.from_numpy(tokens[i : i + 1]), use_cache=False).last_hidden_state
             head_stats.add(hidden.float().numpy())
             if progress:
                 progress(i + 1, n_chunks)

@@ -32,8 +32,8 @@ class SpilledBytes:
     reclaims under pressure, as it does the memory-mapped GGUF's; the process holds one tensor's
     bytes at a time. The file goes when the cache is closed or the process ends."""
 
-    def __init__(self, directory: str | None = None):
-        self._file = tempfile.TemporaryFile(dir=directory)
+    def __init__(self):
+        self._file = tempfile.TemporaryFile()
         self._at: dict[Hashable, tuple[int, int]] = {}  # key → (offset, length)
         self.nbytes = 0
 
