@@ -28,6 +28,14 @@ class TensorInfo:
         return self.shape[0]
 
     @property
+    def n_mat(self) -> int:
+        """Matrices stacked in the tensor: an MoE tensor's experts (ggml's third dimension), else 1."""
+        n = 1
+        for d in self.shape[2:]:
+            n *= d
+        return n
+
+    @property
     def n_elements(self) -> int:
         n = 1
         for d in self.shape:

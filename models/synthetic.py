@@ -76,8 +76,7 @@ FLAVOURS = {
     # Not named "phi3": llama.cpp then looks for Phi-3's <|endoftext|> in the vocabulary.
     "phi3": Flavour(gguf.MODEL_ARCH.PHI3, "windq-synthetic-phi", fused=True, sliding_window=16, pad_token=0),
     # Qwen3-MoE (Qwen3-30B-A3B's layout): Qwen3's attention, and in every layer a router
-    # (ffn_gate_inp, never quantized) over experts held as 3-D tensors. Written so that the
-    # refusal is tested on a real-shaped file; windq does not run it yet.
+    # (ffn_gate_inp, never quantized) over experts held as 3-D tensors (each expert n_ff wide).
     "qwen3moe": Flavour(gguf.MODEL_ARCH.QWEN3MOE, "windq-synthetic-qwen3moe", head_dim=128, rope_freq_base=1e6, experts=(4, 2)),
 }
 

@@ -37,7 +37,7 @@ from windq import __version__
 from windq.errors import CalibrationError, UnsupportedModelError
 from windq.files import atomic_output, atomic_write_text, load_array, load_arrays
 from windq.keys import CalibrationFiles
-from windq.models.gguf_model import GGUFModel
+from windq.models.gguf_model import GGUFModel, tensor_kind
 from windq.models.sources import Text
 from windq.models.tokenizer import token_chunks
 from windq.pipeline.imatrix import Imatrix, save_imatrix
@@ -69,6 +69,8 @@ ARCHITECTURES = {
         Architecture("gemma3", "gemma3_text", ("Gemma 3",)),
         Architecture("gemma2", "gemma2", ("Gemma 2",)),
         Architecture("phi3", "phi3", ("Phi-3", "Phi-4")),
+        # routed experts (3-D tensors, one imatrix per expert), no shared expert: Qwen3-30B-A3B, 235B-A22B
+        Architecture("qwen3moe", "qwen3_moe", ("Qwen3-MoE",)),
     )
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
@@ -120,8 +122,37 @@ class ActivationStats:
 
 
 @dataclass
+class ExpertStats:
+    """ActivationStats of each expert of an MoE tensor: llama-imatrix keeps every expert's sums and
+    count apart (each over the tokens routed to it), and llama.cpp quantizes each expert's rows with
+    its own. The planner's per-column features pool them."""
+
+    experts: list[ActivationStats]
+
+    @classmethod
+    def empty(cls, n_experts: int, n: int) -> "ExpertStats":
+        return cls([ActivationStats.empty(n) for _ in range(n_experts)])
+
+    @property
+    def sum_sq(self) -> np.ndarray:  # expert after expert, as the imatrix holds them
+        return np.concatenate([e.sum_sq for e in self.experts])
+
+    @property
+    def count(self) -> np.ndarray:
+        return np.array([e.count for e in self.experts], dtype=np.int64)
+
+    @property
+    def sum_abs(self) -> np.ndarray:
+        return np.sum([e.sum_abs for e in self.experts], axis=0)
+
+    @property
+    def max_abs(self) -> np.ndarray:
+        return np.max([e.max_abs for e in self.experts], axis=0)
+
+
+@dataclass
 class Calibration:
-    stats: dict[str, ActivationStats]
+    stats: dict[str, ActivationStats | ExpertStats]
     tokens: np.ndarray  # the calibration tokens, in chunks of ctx
     meta: dict
     fisher: dict[str, "FisherStats"] = field(default_factory=dict)
@@ -216,7 +247,7 @@ def load_torch_model(model: GGUFModel):
             str(model.path.parent), gguf_file=model.path.name, config=config, dtype=torch.float32
         )
     m.eval()
-    parameter_tensors(model, m)  # refuses a file and a model that do not hold the same weights
+    parameter_slots(model, m)  # refuses a file and a model that do not hold the same weights
     return m
 
 
@@ -283,34 +314,89 @@ def weight_processor(model: GGUFModel, torch_model):
     return TENSOR_PROCESSORS.get(model.architecture, TensorProcessor)(config=torch_model.config.to_dict())
 
 
-def parameter_tensors(model: GGUFModel, torch_model) -> dict[int, str]:
-    """id(torch parameter) → the GGUF tensor it was loaded from, through transformers' own map of
-    GGUF names to parameters (gguf-py's TensorNameMap for the model's type).
+@dataclass(frozen=True)
+class Slot:
+    """Where a GGUF tensor lives in transformers' model: a whole parameter, or a part of one
+    (transformers' MoE models hold a layer's gate and up experts in one parameter)."""
+
+    param: object  # torch.nn.Parameter
+    part: tuple[int, int, int] | None = None  # (dim, start, length) of the parameter the tensor fills
+
+    def of(self, t):
+        """The tensor's part of `t` (the parameter, or its data or gradient), a view."""
+        return t if self.part is None else t.narrow(*self.part)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.of(self.param).shape)
+
+
+def parameter_slots(model: GGUFModel, torch_model) -> dict[str, Slot]:
+    """Every GGUF tensor → where it lives in the torch model, through transformers' own map of GGUF
+    names to parameters (gguf-py's TensorNameMap for the model's type).
 
     transformers' loader skips a GGUF tensor it has no place for and leaves a parameter the file
     lacks at its initial value, both in silence; here either is refused. A tied output head is the
-    embedding's own parameter, so it maps to token_embd."""
+    embedding's own parameter, so it maps to token_embd. Where transformers' tensor processor fills
+    a parameter itself (MoE experts, keyed without ".weight"), the part each tensor fills is read
+    off the processor by running it on a small probe, as its row order is (`hf_row_order`)."""
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
+    processor = weight_processor(model, torch_model)
     with cached_tensor_name_maps():
-        hf_names = get_gguf_hf_weights_map(torch_model, weight_processor(model, torch_model))
+        hf_names = get_gguf_hf_weights_map(torch_model, processor)
     params = dict(torch_model.named_parameters())
-    out: dict[int, str] = {}
+    out: dict[str, Slot] = {}
+    filled: dict[str, int] = {}
     for tensor in model.tensors:
-        hf = hf_names.get(tensor)
+        hf, part = hf_names.get(tensor), None
+        if hf is None and tensor.endswith(".weight") and tensor.removesuffix(".weight") in hf_names:
+            hf = hf_names[tensor.removesuffix(".weight")]
+            if hf in params:
+                part = _part_filled(model, processor, tensor, hf, tuple(params[hf].shape))
         if hf is None or hf not in params:
             raise UnsupportedModelError(
                 f"{model.path.name}: tensor {tensor} has no place in transformers' {type(torch_model).__name__}, "
                 f"which would run without it; this {model.architecture} variant is not supported"
             )
-        out[id(params[hf])] = tensor
-    missing = [n for n, p in params.items() if id(p) not in out]
+        out[tensor] = slot = Slot(params[hf], part)
+        filled[hf] = filled.get(hf, 0) + slot.of(slot.param).numel()
+    missing = [n for n, p in params.items() if filled.get(n, 0) != p.numel()]
     if missing:
         raise UnsupportedModelError(
             f"{model.path.name}: transformers' {type(torch_model).__name__} has {missing[0]} ({len(missing)} such), "
             f"which no tensor of the file fills; this {model.architecture} variant is not supported"
         )
     return out
+
+
+def _part_filled(model: GGUFModel, processor, tensor: str, hf: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """The part of parameter `hf` (of `shape`) that transformers' processor fills with `tensor`:
+    None for all of it, else (dim, start, length). The processor is run on a probe of the tensor's
+    rank, 2 wide in every dimension, numbered; where the numbers land, scaled to the real shape,
+    is the part. A processor that does anything but place the tensor whole is refused."""
+    import torch
+
+    n_dims = len(model.tensors[tensor].shape)
+    probe = np.arange(1, 2**n_dims + 1, dtype=np.float32).reshape((2,) * n_dims)
+    parsed: dict = {"tensors": {}}
+    processor.process(probe, tensor, tensor_key_mapping={tensor.removesuffix(".weight"): hf}, parsed_parameters=parsed)
+    got = parsed["tensors"].get(hf)
+    if got is not None and got.shape == probe.shape and torch.equal(got, torch.from_numpy(probe)):
+        return None
+    if got is not None and got.dim() == n_dims:
+        for dim in range(n_dims):
+            scale, rest = divmod(shape[dim], got.shape[dim])
+            for start in range(0, got.shape[dim] - 1, 2):
+                if not rest and torch.equal(got.narrow(dim, start, 2), torch.from_numpy(probe)):
+                    return dim, start * scale, 2 * scale
+    raise UnsupportedModelError(f"transformers' {type(processor).__name__} does more than place {tensor} in {hf}")
+
+
+def parameter_tensors(model: GGUFModel, torch_model) -> dict[int, str]:
+    """id(torch parameter) → the GGUF tensor it was loaded from, for parameters that hold one whole
+    tensor (every one of a dense model); checked as `parameter_slots` checks."""
+    return {id(s.param): t for t, s in parameter_slots(model, torch_model).items() if s.part is None}
 
 
 def module_to_tensor(model: GGUFModel, torch_model) -> dict[str, str]:
@@ -324,15 +410,10 @@ def module_to_tensor(model: GGUFModel, torch_model) -> dict[str, str]:
     }
 
 
-def tensor_params(model: GGUFModel, torch_model) -> dict[str, list]:
-    """GGUF weight name → the torch parameters holding it, for every tensor a plan may change."""
-    by_param = parameter_tensors(model, torch_model)
+def tensor_params(model: GGUFModel, torch_model) -> dict[str, Slot]:
+    """GGUF weight name → where the torch model holds it, for every tensor a plan may change."""
     planned = {t.name for t in model.quantizable()}
-    out: dict[str, list] = {}
-    for p in torch_model.parameters():
-        if by_param[id(p)] in planned:
-            out.setdefault(by_param[id(p)], []).append(p)
-    return out
+    return {t: s for t, s in parameter_slots(model, torch_model).items() if t in planned}
 
 
 def hf_row_order(processor, tensor: str, rows: int) -> np.ndarray:
@@ -365,21 +446,21 @@ def fisher_marginals(
     KL summed over its positions, so the per-token KL is that ÷ T (sensitivity.py uses it)."""
     import torch
 
-    params = tensor_params(model, torch_model)
+    slots = tensor_params(model, torch_model)
     for p in torch_model.parameters():
         p.requires_grad_(False)
-    for ps in params.values():
-        for p in ps:
-            p.requires_grad_(True)
+    for s in slots.values():
+        s.param.requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
-    sums = {t: (np.zeros(ps[0].shape[0]), np.zeros(ps[0].shape[1])) for t, ps in params.items()}
+    # rows as ggml counts them (an MoE tensor's: every expert's, expert after expert)
+    sums = {t: (np.zeros(int(np.prod(s.shape[:-1]))), np.zeros(s.shape[-1])) for t, s in slots.items()}
     n = len(tokens)
     try:
         for i in range(n):
             torch_model.zero_grad(set_to_none=True)
             sampled_nll(torch_model(torch.from_numpy(tokens[i : i + 1]), use_cache=False).logits, gen).backward()
-            for t, ps in params.items():
-                g2 = ps[0].grad.double().square()  # tied parameters share one .grad
+            for t, s in slots.items():
+                g2 = s.of(s.param.grad).double().square().reshape(-1, s.shape[-1])  # tied parameters share one .grad
                 sums[t][0][:] += g2.sum(1).numpy()
                 sums[t][1][:] += g2.sum(0).numpy()
             if progress:
@@ -452,6 +533,70 @@ def observe_linear_inputs(torch_model, names: dict[str, str], stats: dict[str, A
             h.remove()
 
 
+# The routed experts' tensors, by gguf kind: transformers' MoE layers hold them outside nn.Linear,
+# so their inputs are taken by `observe_expert_inputs` instead of a hook per matrix.
+def _expert_roles():
+    import gguf
+
+    T = gguf.MODEL_TENSOR
+    return {T.FFN_GATE_EXP: "gate", T.FFN_UP_EXP: "up", T.FFN_DOWN_EXP: "down"}
+
+
+def expert_modules(model: GGUFModel, torch_model) -> dict[str, dict[str, tuple[str, Slot]]]:
+    """HF module name → {"gate"|"up"|"down": (GGUF tensor, slot)} for every module holding a layer's
+    routed experts (transformers' `…Experts`: 3-D parameters, experts first)."""
+    slots = parameter_slots(model, torch_model)
+    owner = {id(p): name for name, mod in torch_model.named_modules() for p in mod._parameters.values() if p is not None}
+    out: dict[str, dict[str, tuple[str, Slot]]] = {}
+    roles_of = _expert_roles()
+    for tensor, slot in slots.items():
+        role = roles_of.get(tensor_kind(tensor))
+        if role is not None:
+            out.setdefault(owner[id(slot.param)], {})[role] = (tensor, slot)
+    for name, roles in out.items():
+        if set(roles) != set(roles_of.values()) or not callable(getattr(torch_model.get_submodule(name), "act_fn", None)):
+            raise UnsupportedModelError(f"{model.path.name}: {name} is not a gated FFN of experts (gate, up, down, act_fn); not supported")
+    return out
+
+
+@contextmanager
+def observe_expert_inputs(torch_model, experts: dict[str, dict[str, tuple[str, Slot]]], stats: dict) -> Iterator[None]:
+    """Feed every expert's inputs into `stats`, per expert, as llama-imatrix collects them from
+    llama.cpp's MUL_MAT_ID: gate and up see the tokens routed to the expert, down sees
+    act(gate x) · up x of the same tokens. transformers' experts module is called with the layer's
+    hidden states and each token's chosen experts; a pre-hook takes both and computes down's input
+    from the expert's own weights (tested against the module's own matmuls)."""
+    import torch
+
+    handles = []
+    for mod_name, roles in experts.items():
+        mod = torch_model.get_submodule(mod_name)
+        (gate_t, gate), (up_t, up), (down_t, _) = roles["gate"], roles["up"], roles["down"]
+        n_experts, n_ff, n_embd = gate.shape
+        for t, n in ((gate_t, n_embd), (up_t, n_embd), (down_t, n_ff)):
+            stats.setdefault(t, ExpertStats.empty(n_experts, n))
+
+        def hook(mod, args, kwargs, gate=gate, up=up, names=(gate_t, up_t, down_t)):
+            x = args[0] if args else kwargs["hidden_states"]
+            chosen = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            x = x.detach().float().reshape(-1, x.shape[-1])
+            chosen = chosen.reshape(x.shape[0], -1)
+            wg, wu = gate.of(gate.param).detach(), up.of(up.param).detach()
+            for e in range(wg.shape[0]):
+                xe = x[(chosen == e).any(-1)]
+                if len(xe):
+                    h = mod.act_fn(torch.nn.functional.linear(xe, wg[e])) * torch.nn.functional.linear(xe, wu[e])
+                    for t, v in zip(names, (xe, xe, h)):
+                        stats[t].experts[e].add(v.numpy())
+
+        handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def calibrate(
     model: GGUFModel,
     text: Text,
@@ -484,8 +629,12 @@ def calibrate(
     # logits were a fifth of the default model's work per token and 512 × vocabulary floats a chunk.
     decoder, head = tm.get_decoder(), tm.get_output_embeddings()
     head_module = next(n for n, mod in tm.named_modules() if mod is head)
-    stats: dict[str, ActivationStats] = {}
-    with torch_threads(cfg.threads), torch.inference_mode(), observe_linear_inputs(tm, {n: t for n, t in names.items() if n != head_module}, stats):
+    stats: dict[str, ActivationStats | ExpertStats] = {}
+    with (
+        torch_threads(cfg.threads), torch.inference_mode(),
+        observe_linear_inputs(tm, {n: t for n, t in names.items() if n != head_module}, stats),
+        observe_expert_inputs(tm, expert_modules(model, tm), stats),
+    ):  # fmt: skip
         head_stats = stats.setdefault(names[head_module], ActivationStats.empty(head.in_features))
         for i in range(n_chunks):
             hidden = decoder(torch.from_numpy(tokens[i : i + 1]), use_cache=False).last_hidden_state
@@ -524,7 +673,8 @@ def save_calibration(cal: Calibration, outdir: str | Path, architecture: str | N
         with open(tmp, "wb") as f:
             np.savez(
                 f,
-                **{f"{k}|abs_mean": (s.sum_abs / max(s.count, 1)).astype(np.float32) for k, s in cal.stats.items()},
+                # per column; an MoE tensor's pooled over its experts
+                **{f"{k}|abs_mean": (s.sum_abs / max(int(np.sum(s.count)), 1)).astype(np.float32) for k, s in cal.stats.items()},
                 **{f"{k}|abs_max": s.max_abs for k, s in cal.stats.items()},
             )
     with atomic_output(outdir / CalibrationFiles.TOKENS) as tmp:

@@ -4,6 +4,11 @@ For every weight W that multiplies activations x, the file holds `<W name>.in_su
 the calibration tokens, one value per input column j, F32, shape [n_per_row, n_mat]) and
 `<W name>.counts` (tokens seen, F32, shape [1, n_mat]), plus the keys imatrix.datasets,
 imatrix.chunk_count and imatrix.chunk_size. The importance llama.cpp uses is in_sum2 / counts.
+
+n_mat is 1 for a dense weight and the number of experts for an MoE tensor (3-D, experts along
+ggml's third dimension): each expert has its own sums, over the tokens routed to it, and its own
+count. windq keeps an entry's sums flat, expert after expert (k × n_per_row values: the layout
+llama.cpp's quantizer takes), and its count as an int, or one per expert.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ _SUMS, _COUNTS = ".in_sum2", ".counts"
 @dataclass
 class Imatrix:
     sums: dict[str, np.ndarray]  # tensor name → Σx² per input column, float64 while accumulating
-    counts: dict[str, int]  # tensor name → tokens seen
+    counts: dict[str, int | np.ndarray]  # tensor name → tokens seen (an MoE tensor's: one per expert)
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
@@ -33,19 +38,25 @@ class Imatrix:
     def data(self) -> dict[str, np.ndarray]:
         """Per-column importance as llama-quantize computes it from the file: sums / counts. A tensor
         that saw no tokens has no importance to give; it is refused, never replaced by ones."""
-        empty = [name for name, c in self.counts.items() if c <= 0]
+        empty = [name for name, c in self.counts.items() if np.any(np.asarray(c) <= 0)]
         if empty:
             raise CalibrationError(
-                f"imatrix entry {empty[0]} saw no tokens ({len(empty)} such); calibrate on more text or drop the entry"
+                f"imatrix entry {empty[0]} saw no tokens ({len(empty)} such, an expert's counts alone); "
+                "calibrate on more text or drop the entry"
             )
-        return {name: np.asarray(s, dtype=np.float32) / np.float32(self.counts[name]) for name, s in self.sums.items()}
+        out = {}
+        for name, s in self.sums.items():
+            c = np.asarray(self.counts[name], dtype=np.float32).reshape(-1, 1)  # one row per expert
+            out[name] = (np.asarray(s, dtype=np.float32).reshape(len(c), -1) / c).reshape(-1)
+        return out
 
     def sha256(self) -> str:
         h = hashlib.sha256()
         for name in sorted(self.sums):
             h.update(name.encode())
             h.update(np.asarray(self.sums[name], dtype=np.float32).tobytes())
-            h.update(str(self.counts[name]).encode())
+            c = self.counts[name]
+            h.update(str(c).encode() if np.ndim(c) == 0 else np.asarray(c, dtype=np.float32).tobytes())
         return h.hexdigest()
 
 
@@ -58,9 +69,10 @@ def save_imatrix(im: Imatrix, path: str | Path, architecture: str = "llama") -> 
         w.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, im.chunk_count)
         w.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, im.chunk_size)
         for name in sorted(im.sums):
-            # numpy shape (n_mat, n_per_row) is ggml's [n_per_row, n_mat]
-            w.add_tensor(name + _SUMS, np.asarray(im.sums[name], dtype=np.float32).reshape(1, -1))
-            w.add_tensor(name + _COUNTS, np.array([[im.counts[name]]], dtype=np.float32))
+            # numpy shape (n_mat, n_per_row) is ggml's [n_per_row, n_mat]; counts (n_mat, 1) is [1, n_mat]
+            c = np.asarray(im.counts[name], dtype=np.float32).reshape(-1, 1)
+            w.add_tensor(name + _SUMS, np.asarray(im.sums[name], dtype=np.float32).reshape(len(c), -1))
+            w.add_tensor(name + _COUNTS, c)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -84,10 +96,8 @@ def read_imatrix(path: str | Path) -> Imatrix:
         if t.name.endswith(_SUMS):
             sums[t.name[: -len(_SUMS)]] = np.array(t.data, dtype=np.float32).reshape(-1)
         elif t.name.endswith(_COUNTS):
-            c = np.array(t.data, dtype=np.float32).reshape(-1)
-            if len(c) != 1:
-                raise CalibrationError(f"{path}: {t.name} has {len(c)} experts; windq handles dense models only")
-            counts[t.name[: -len(_COUNTS)]] = int(round(float(c[0])))
+            c = np.rint(np.array(t.data, dtype=np.float32).reshape(-1)).astype(np.int64)
+            counts[t.name[: -len(_COUNTS)]] = int(c[0]) if len(c) == 1 else c
     if not sums or set(sums) != set(counts):
         raise InputError(f"{path}: not an imatrix (no matching .in_sum2/.counts tensors)")
 
@@ -110,10 +120,12 @@ def check_matches(im: Imatrix, model: GGUFModel, source: str = "imatrix") -> Non
         info = model.tensors.get(name)
         if info is None:
             raise CalibrationError(f"{source} is for another model: {model.path.name} has no tensor {name}")
-        if len(s) != info.n_per_row:
-            raise CalibrationError(
-                f"{source} is for another model: {name} has {len(s)} columns there, {info.n_per_row} in {model.path.name}"
-            )
+        # one count for all experts is an older llama-imatrix's MoE entry, which llama.cpp broadcasts
+        experts = np.size(im.counts[name])
+        if len(s) != info.n_per_row * info.n_mat or experts not in (1, info.n_mat):
+            have = f"{len(s)} columns" if experts == 1 else f"{experts} experts of {len(s) // experts} columns"
+            want = f"{info.n_per_row}" if info.n_mat == 1 else f"{info.n_mat} experts of {info.n_per_row}"
+            raise CalibrationError(f"{source} is for another model: {name} has {have} there, {want} in {model.path.name}")
 
 
 def load_imatrix(path: str | Path, model: GGUFModel) -> Imatrix:

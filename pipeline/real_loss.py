@@ -145,9 +145,8 @@ class RealLoss:
             return self._kl_now()
         with torch.no_grad():
             for tensor, type_name in types.items():
-                w = torch.from_numpy(self._weights(tensor, type_name))
-                for p in self.params[tensor]:
-                    p.copy_(w.view_as(p))
+                slot = self.params[tensor]
+                slot.of(slot.param).copy_(torch.from_numpy(self._weights(tensor, type_name)).view(slot.shape))
         return self._kl_now()
 
     def _kl_now(self) -> np.ndarray:

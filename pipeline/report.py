@@ -12,17 +12,19 @@ from windq.files import atomic_output
 from windq.models.gguf_model import LAYER_KINDS, kind_name, tensor_kind
 from windq.plan import Plan
 
-KIND_ORDER = tuple(kind_name(k) for k in LAYER_KINDS)
-
-
-def _grid(plan: Plan) -> tuple[np.ndarray, list[str]]:
-    layers = sorted({int(n.split(".")[1]) for n in plan.tensors if n.startswith("blk.")})
-    grid = np.full((len(KIND_ORDER), max(layers, default=-1) + 1), np.nan)
-    for name, t in plan.tensors.items():
-        kind = tensor_kind(name)
-        if name.startswith("blk.") and kind in LAYER_KINDS:
-            grid[LAYER_KINDS.index(kind), int(name.split(".")[1])] = registry.get(t).bits_per_weight
-    return grid, [n for n in plan.tensors if not n.startswith("blk.")]
+def _grid(plan: Plan) -> tuple[np.ndarray, list[str], list[str]]:
+    """bits per weight [kind, layer], the kinds' names (those of a dense llama layer first, then any
+    other kind the plan holds: phi3's fused attn_qkv, an MoE layer's experts; a kind the plan lacks
+    has no row), and the tensors outside the layers."""
+    blocks = [(n, tensor_kind(n)) for n in plan.tensors if n.startswith("blk.")]
+    present = {k for _, k in blocks}
+    kinds = [k for k in LAYER_KINDS if k in present] + list(dict.fromkeys(k for _, k in blocks if k is not None and k not in LAYER_KINDS))
+    layers = sorted({int(n.split(".")[1]) for n, _ in blocks})
+    grid = np.full((len(kinds), max(layers, default=-1) + 1), np.nan)
+    for name, kind in blocks:
+        if kind in kinds:
+            grid[kinds.index(kind), int(name.split(".")[1])] = registry.get(plan.tensors[name]).bits_per_weight
+    return grid, [kind_name(k) for k in kinds], [n for n in plan.tensors if not n.startswith("blk.")]
 
 
 def allocation_map(plan: Plan, path: str | Path) -> Path:
@@ -31,10 +33,10 @@ def allocation_map(plan: Plan, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid, others = _grid(plan)
+    grid, kinds, others = _grid(plan)
     fig, ax = plt.subplots(figsize=(max(6, grid.shape[1] * 0.32 + 2), 3.6))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=1.5, vmax=8.5, interpolation="nearest")
-    ax.set_yticks(range(len(KIND_ORDER)), KIND_ORDER)
+    ax.set_yticks(range(len(kinds)), kinds)
     step = max(1, grid.shape[1] // 15)
     ax.set_xticks(range(0, grid.shape[1], step))
     ax.set_xlabel("layer")
@@ -88,8 +90,8 @@ def summary(plan: Plan, proxy_error: float, chunk_proxy_error: float | None = No
     sub = plan.provenance.get("importance_substituted")
     if sub:
         lines.append(f"no imatrix data for {', '.join(sub['tensors'])}: their error is weighted by the {sub['by']}")
-    grid, others = _grid(plan)
-    for k, row in zip(KIND_ORDER, grid):
+    grid, kinds, others = _grid(plan)
+    for k, row in zip(kinds, grid):
         if not np.isnan(row).all():
             lines.append(f"  {k:<12} mean {np.nanmean(row):.2f} bpw  (min {np.nanmin(row):.2f}, max {np.nanmax(row):.2f})")
     for n in others:

@@ -195,9 +195,9 @@ def compute_tables(
     # so its scale stays comparable.
     mean_importance = float(np.mean([v.mean() for v in imatrix.values()])) if imatrix else 1.0
     tensors = [t for t in model.quantizable() if only is None or t.name in only]
-    # Jobs are (tensor, type, row block): ggml quantizes rows independently, so a big tensor's
+    # Jobs are (tensor, type, row block, expert): ggml quantizes rows independently, so a big tensor's
     # slow types spread over all cores. Largest tensors go first, so no core idles at the end.
-    jobs: list[tuple[TensorInfo, registry.QuantType, int, int]] = []
+    jobs: list[tuple[TensorInfo, registry.QuantType, int, int, int]] = []
     picked: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # tensor → (sampled rows, rows each stands for)
     for t in sorted(tensors, key=lambda t: -t.n_elements):
         rows = t.n_elements // t.n_per_row
@@ -207,13 +207,17 @@ def compute_tables(
                 model.dequantized(t.name), im if im is not None else np.ones(t.n_per_row, np.float32),
                 None if fisher is None or t.name not in fisher else fisher[t.name].rows, sample_rows,
             )  # fmt: skip
-            rows = len(picked[t.name][0])
+        # a job's rows lie in one expert of an MoE tensor (each expert has its own importance), so
+        # block boundaries fall where the experts' rows begin, among the rows computed
+        computed = picked[t.name][0] if t.name in picked else np.arange(rows)
+        edges = np.searchsorted(computed, np.arange(t.n_mat + 1) * (rows // t.n_mat))
         step = max(1, _JOB_WEIGHTS // t.n_per_row)
         legal = registry.legal_types(
             t.name, t.n_per_row, has_imatrix=t.name in imatrix, zero_padded=model.zero_padded(t.name), allowed=allowed
         )
         for qt in legal:
-            jobs += [(t, qt, r, min(rows, r + step)) for r in range(0, rows, step)]
+            for e in range(t.n_mat):
+                jobs += [(t, qt, r, min(int(edges[e + 1]), r + step), e) for r in range(int(edges[e]), int(edges[e + 1]), step)]
 
     lock = threading.Lock()
     cache: dict[str, np.ndarray] = {}
@@ -227,9 +231,10 @@ def compute_tables(
             return cache[t.name]
 
     def run(job) -> tuple[str, str, np.ndarray]:
-        t, qt, r0, r1 = job
+        t, qt, r0, r1, expert = job
         w = weights(t)[r0:r1]
         im = imatrix.get(t.name)
+        im = None if im is None else im[expert * t.n_per_row : (expert + 1) * t.n_per_row]
         importance = im if im is not None else np.full(t.n_per_row, mean_importance, dtype=np.float32)
         rw = None
         if fisher is not None:
@@ -283,8 +288,11 @@ def sample_row_indices(w: np.ndarray, importance: np.ndarray, row_weight: np.nda
     """`n` of `w`'s rows and what each stands for: the rows a few dominate are taken whole (the top
     n/8 by Σ_j m_j W_ij² and, with the Fisher, the top n/8 by that × r_i, whose weights are
     heavy-tailed), the rest systematically from the others sorted by that predictor, each then
-    counting for the rows between it and the next."""
-    energy = np.einsum("ij,ij,j->i", w, w, importance.astype(np.float64), dtype=np.float64)
+    counting for the rows between it and the next. `importance` may hold one row of m_j per expert
+    of an MoE tensor (k × n values, `w`'s rows expert after expert): each row is weighed by its own."""
+    imp = np.asarray(importance, dtype=np.float64).reshape(-1, w.shape[1])
+    by_expert = w.reshape(len(imp), -1, w.shape[1])
+    energy = np.einsum("eij,eij,ej->ei", by_expert, by_expert, imp, dtype=np.float64).reshape(-1)
     predictor = energy if row_weight is None else energy * row_weight
     top = max(1, n // 8)
     certain = np.union1d(np.argsort(-energy, kind="stable")[:top], np.argsort(-predictor, kind="stable")[:top])

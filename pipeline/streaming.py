@@ -44,7 +44,7 @@ class StreamedModel:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
-        from windq.pipeline.calibrate import architecture, check_rope, parameter_tensors, quiet_transformers, torch_config, weight_processor
+        from windq.pipeline.calibrate import architecture, check_rope, parameter_slots, quiet_transformers, torch_config, weight_processor
 
         arch = architecture(model)
         check_rope(model)
@@ -59,7 +59,16 @@ class StreamedModel:
         self.tm = tm
         self.processor = weight_processor(model, tm)
         self.source = source or self.file_weights
-        by_param = parameter_tensors(model, tm)  # refuses a file and a module tree that differ
+        slots = parameter_slots(model, tm)  # refuses a file and a module tree that differ
+        shared = sorted(t for t, s in slots.items() if s.part is not None)
+        if shared:
+            # a module's weights are loaded parameter by parameter; one parameter filled from two
+            # tensors (transformers' MoE experts: gate and up) is not written for here
+            raise UnsupportedModelError(
+                f"{model.path.name}: {shared[0]} fills part of a torch parameter ({len(shared)} such: MoE experts); "
+                "streaming runs models whose tensors are whole parameters: run without --stream"
+            )
+        by_param = {id(s.param): t for t, s in slots.items()}
         # module → [(parameter name, its meta parameter, GGUF tensor)]: a tied head lists the embedding's
         self._slots = [
             (mod, [(pname, p, by_param[id(p)]) for pname, p in mod._parameters.items() if p is not None])

@@ -30,10 +30,10 @@ from windq.pipeline.imatrix import load_imatrix
 from windq.pipeline.real_loss import RealLoss
 from windq.plan import make_plan
 
-ARCHS = ("llama", "qwen2", "mistral", "qwen3", "gemma3", "gemma2", "phi3")
+ARCHS = ("llama", "qwen2", "mistral", "qwen3", "gemma3", "gemma2", "phi3", "qwen3moe")
 TORCH_CLASS = {
     "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
-    "gemma3": "Gemma3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
 }  # fmt: skip
 
 
@@ -47,7 +47,12 @@ def one_torch_thread():
 @pytest.fixture(scope="module", params=ARCHS)
 def arch_gguf(request, tmp_path_factory):
     arch = request.param
-    return arch, write_synthetic_gguf(tmp_path_factory.mktemp(arch) / f"tiny-{arch}-f32.gguf", SyntheticConfig(architecture=arch))
+    return arch, write_synthetic_gguf(tmp_path_factory.mktemp(arch) / f"tiny-{arch}-f32.gguf", tiny_config(arch))
+
+
+def tiny_config(arch: str) -> SyntheticConfig:
+    """The synthetic model of each family; an MoE's experts 256 wide, so its four stay under 16 MB."""
+    return SyntheticConfig(architecture=arch, **({"n_ff": 256} if synthetic.FLAVOURS[arch].experts else {}))
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +79,12 @@ def test_synthetic_model_is_written_as_its_family(arch_gguf):
     assert qk_norms == ({"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"} if holds_qk_norm else set())
     for n in qk_norms:
         assert m.tensors[n].shape == (flavour.head_dim,) and n not in {t.name for t in m.quantizable()}
+    if flavour.experts:  # qwen3moe: experts as 3-D tensors, planned; the router kept as it is
+        n_exp = flavour.experts[0]
+        assert m.tensors["blk.0.ffn_gate_exps.weight"].shape == (256, 256, n_exp)  # ggml order: row, rows, expert
+        assert m.tensors["blk.0.ffn_down_exps.weight"].shape == (256, 256, n_exp)
+        assert "blk.0.ffn_down_exps.weight" in {t.name for t in m.quantizable()}
+        assert "blk.0.ffn_gate_inp.weight" in m.tensors and "blk.0.ffn_gate_inp.weight" not in {t.name for t in m.quantizable()}
     assert path.stat().st_size < 16_000_000  # gemma3's six layers: 14.5 MB
 
 
@@ -158,7 +169,7 @@ def test_tied_head_is_the_embedding(arch, tmp_path):
     m = GGUFModel(write_synthetic_gguf(tmp_path / "tied.gguf", SyntheticConfig(architecture=arch, tied=True)))
     judge = RealLoss(m, None, np.random.default_rng(1).integers(3, 259, (2, 64)))
     assert module_to_tensor(m, judge.tm)["lm_head"] == "token_embd.weight"
-    assert [p is judge.tm.get_input_embeddings().weight for p in judge.params["token_embd.weight"]] == [True]
+    assert judge.params["token_embd.weight"].param is judge.tm.get_input_embeddings().weight
     assert_same_logits(judge.tm, m.path)
     source = {t.name: t.type_name for t in m.quantizable()}
     assert judge.kl(source) == 0.0 and judge.kl({**source, "token_embd.weight": "Q4_0"}) > 1e-4
@@ -183,8 +194,12 @@ def test_calibration_covers_every_quantizable_tensor(arch_gguf, arch_calibration
         assert f.rows.shape == (rows,) and f.cols.shape == (info.n_per_row,), name  # GGUF orientation
         assert np.isfinite(f.rows).all() and f.rows.sum() > 0, name
         if name in cal.imatrix.sums:
-            assert cal.imatrix.counts[name] == 512
-            assert cal.imatrix.sums[name].shape == (info.n_per_row,) and (cal.imatrix.sums[name] > 0).all(), name
+            assert cal.imatrix.sums[name].shape == (info.n_mat * info.n_per_row,) and (cal.imatrix.sums[name] > 0).all(), name
+            if info.n_mat == 1:
+                assert cal.imatrix.counts[name] == 512
+            else:  # each expert counts the tokens routed to it; every token goes to experts_used of them
+                counts = cal.imatrix.counts[name]
+                assert counts.shape == (info.n_mat,) and (counts > 0).all() and counts.sum() == 512 * m.arch_field("{arch}.expert_used_count"), name
 
 
 def test_real_loss_is_zero_for_the_source_plan(arch_gguf, arch_calibration):
@@ -204,6 +219,11 @@ def test_llama_quantizer_uses_the_imatrix_windq_writes(arch_gguf, arch_calibrati
     im_file = tmp_path / "cal" / "imatrix.gguf"
     assert gguf.GGUFReader(im_file).get_field("general.architecture").contents() == m.architecture
     im = load_imatrix(im_file, m)
+    # laid out as llama-imatrix writes it: sums [n_per_row, n_mat] and counts [1, n_mat], n_mat the experts (or 1)
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in gguf.GGUFReader(im_file).tensors}
+    for name in im.sums:
+        info = m.tensors[name]
+        assert shapes[name + ".in_sum2"] == (info.n_per_row, info.n_mat) and shapes[name + ".counts"] == (1, info.n_mat), name
     plan = make_plan(m, {t.name: "Q4_0" for t in m.quantizable()}, method="manual")
     out = GGUFModel(export_gguf(m, plan, tmp_path / "q4_0.gguf", imatrix=im.data).path)
     q4 = registry.get("Q4_0").id
@@ -211,8 +231,12 @@ def test_llama_quantizer_uses_the_imatrix_windq_writes(arch_gguf, arch_calibrati
         # llama.cpp found each entry by name and size, and quantized with it: windq's own Q4_0 of the
         # tensor with the same importance is byte for byte what llama.cpp wrote
         assert out.raw(name).tobytes() == ggml.quantize(q4, m.dequantized(name), importance).tobytes(), name
-    name = "blk.0.ffn_down.weight"
+    name = "blk.0.ffn_down.weight" if "blk.0.ffn_down.weight" in m.tensors else "blk.0.ffn_down_exps.weight"
     assert out.raw(name).tobytes() != ggml.quantize(q4, m.dequantized(name), None).tobytes()
+    info = m.tensors[name]
+    if info.n_mat > 1:  # each expert quantized with its own importance, not the experts' mean
+        pooled = np.tile(im.data[name].reshape(info.n_mat, -1).mean(0), info.n_mat)
+        assert out.raw(name).tobytes() != ggml.quantize(q4, m.dequantized(name), pooled).tobytes()
 
 
 def test_align_runs_on_the_llama_layout_and_refuses_the_others_in_one_line(arch_gguf):
@@ -230,13 +254,17 @@ def test_align_runs_on_the_llama_layout_and_refuses_the_others_in_one_line(arch_
 
 
 @pytest.fixture(scope="module")
-def qwen3moe_gguf(tmp_path_factory):
-    """A synthetic Qwen3-MoE (4 experts, 2 used, each 256 wide): what windq does not run yet."""
-    return write_synthetic_gguf(tmp_path_factory.mktemp("qwen3moe") / "qwen3moe.gguf", SyntheticConfig(architecture="qwen3moe", n_ff=256))
+def granitemoe_gguf(tmp_path_factory):
+    """A model of an architecture windq does not calibrate: `windq split`'s granitemoe (llama.cpp runs it)."""
+    from windq.models.ffn_split import split_ffn_gguf
+
+    where = tmp_path_factory.mktemp("granitemoe")
+    llama = write_synthetic_gguf(where / "llama.gguf", SyntheticConfig())
+    return split_ffn_gguf(GGUFModel(llama), where / "granitemoe.gguf", salient=256).path
 
 
-def test_another_architecture_is_refused_in_one_line(qwen3moe_gguf, tmp_path):
-    m = GGUFModel(qwen3moe_gguf)
+def test_another_architecture_is_refused_in_one_line(granitemoe_gguf, tmp_path):
+    m = GGUFModel(granitemoe_gguf)
     for run in (
         lambda: calibrate(m, wiki_text("calibration"), CalibrationConfig(tokens=512, ctx=128)),
         lambda: RealLoss(m, None, np.zeros((1, 8), dtype=np.int64)),
@@ -244,39 +272,149 @@ def test_another_architecture_is_refused_in_one_line(qwen3moe_gguf, tmp_path):
         with pytest.raises(UnsupportedModelError) as e:
             run()
         assert "\n" not in str(e.value)
-        for fragment in ("qwen3moe.gguf", "'qwen3moe' is not supported", "llama (Llama, Mistral)", "qwen2 (Qwen2, Qwen2.5)"):
+        for fragment in ("granitemoe.gguf", "'granitemoe' is not supported", "llama (Llama, Mistral)", "qwen3moe (Qwen3-MoE)"):
             assert fragment in str(e.value)
         assert all(a.describe() in str(e.value) for a in ARCHITECTURES.values())
     r = windq("calibrate", m.path, "--out", tmp_path / "cal")
-    assert_one_line_error(r, "'qwen3moe' is not supported", "supported: llama")
+    assert_one_line_error(r, "'granitemoe' is not supported", "supported: llama")
     assert not (tmp_path / "cal").exists()
 
 
-def test_moe_groundwork_transformers_runs_qwen3moe_as_llama_cpp_does(qwen3moe_gguf):
-    """Not support, the ground it would stand on: with windq's config (the expert width read from
-    the file: transformers' table leaves its default of 768), transformers' Qwen3-MoE computes
-    llama.cpp's logits. What windq's maps would have to learn is shown too: one transformers
-    parameter holds two GGUF tensors (gate and up experts), and experts are not nn.Linear modules."""
+@pytest.fixture(scope="module")
+def qwen3moe_gguf(tmp_path_factory):
+    """A synthetic Qwen3-MoE: 4 experts of 256, 2 used per token."""
+    return write_synthetic_gguf(tmp_path_factory.mktemp("qwen3moe") / "qwen3moe.gguf", tiny_config("qwen3moe"))
+
+
+def test_moe_experts_are_found_in_transformers_shared_parameter(qwen3moe_gguf):
+    """transformers' Qwen3-MoE holds a layer's gate and up experts in one parameter (gate first),
+    filled by its own processor: each GGUF tensor's part of it is read off that processor, and the
+    torch model holds exactly the file's experts there."""
     import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    from windq.pipeline.calibrate import parameter_slots
 
     m = GGUFModel(qwen3moe_gguf)
-    planned = {t.name for t in m.quantizable()}
-    # llama.cpp's rule: the 3-D expert tensors are quantized, the router is not
-    assert {"blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight"} <= planned
-    assert m.tensors["blk.0.ffn_gate_exps.weight"].shape == (256, 256, 4) and "blk.0.ffn_gate_inp.weight" not in planned
-    config = torch_config(m, "qwen3_moe")
-    assert config.moe_intermediate_size == 256
-    with quiet_transformers():
-        tm = AutoModelForCausalLM.from_pretrained(str(m.path.parent), gguf_file=m.path.name, config=config, dtype=torch.float32)
-    assert type(tm).__name__ == "Qwen3MoeForCausalLM"
-    assert_same_logits(tm, m.path)
-    hf = get_gguf_hf_weights_map(tm, weight_processor(m, tm))
-    # keyed without ".weight": transformers' MoE processor fills the parameter itself
-    assert hf["blk.0.ffn_gate_exps"] == hf["blk.0.ffn_up_exps"] == "model.layers.0.mlp.experts.gate_up_proj"
-    assert "blk.0.ffn_gate_exps.weight" not in hf  # so windq's parameter map would refuse the file today
-    assert not any(isinstance(mod, torch.nn.Linear) for name, mod in tm.named_modules() if ".experts" in name)
+    tm = load_torch_model(m)
+    slots = parameter_slots(m, tm)
+    experts = tm.model.layers[0].mlp.experts
+    gate, up, down = (slots[f"blk.0.ffn_{w}_exps.weight"] for w in ("gate", "up", "down"))
+    assert gate.param is up.param is experts.gate_up_proj and down.param is experts.down_proj
+    assert (gate.part, up.part, down.part) == ((1, 0, 256), (1, 256, 256), None)
+    for name, slot in (("blk.0.ffn_gate_exps.weight", gate), ("blk.0.ffn_up_exps.weight", up), ("blk.0.ffn_down_exps.weight", down)):
+        info = m.tensors[name]
+        want = m.dequantized(name).reshape(info.shape[::-1])  # numpy order: expert, row, column
+        assert torch.equal(slot.of(slot.param).detach(), torch.from_numpy(want)), name
+
+
+def test_expert_inputs_are_what_the_experts_multiply(qwen3moe_gguf):
+    """The imatrix of an expert tensor sums, per expert, the squares of exactly the vectors that
+    transformers' experts module multiplies that expert's matrix by: every call of F.linear inside
+    the module is recorded and attributed to the expert whose weights it used (transformers' eager
+    implementation, a matmul per expert; its default, grouped_mm, computes the same in one call)."""
+    import torch
+
+    from windq.pipeline.calibrate import ExpertStats, expert_modules, observe_expert_inputs
+
+    m = GGUFModel(qwen3moe_gguf)
+    tm = load_torch_model(m)
+    tm.set_experts_implementation("eager")
+    experts = expert_modules(m, tm)
+    assert set(experts) == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
+    module = tm.get_submodule("model.layers.0.mlp.experts")
+    n_exp = module.gate_up_proj.shape[0]
+    seen = {w: np.zeros((n_exp, module.gate_up_proj.shape[-1] if w == "gate_up" else module.down_proj.shape[-1])) for w in ("gate_up", "down")}
+    linear = torch.nn.functional.linear
+
+    def recording(x, weight, *args, **kw):
+        for w, param in (("gate_up", module.gate_up_proj), ("down", module.down_proj)):
+            for e in range(n_exp):
+                if weight.data_ptr() == param[e].data_ptr() and weight.shape == param[e].shape:
+                    seen[w][e] += (x.double() ** 2).sum(0).numpy()
+        return linear(x, weight, *args, **kw)
+
+    stats: dict = {}
+    tokens = torch.from_numpy(np.random.default_rng(0).integers(3, 259, (1, 64)))
+    with torch.inference_mode(), observe_expert_inputs(tm, experts, stats):
+        forward = module.forward
+        module.forward = lambda *a, **kw: _with_linear(recording, forward, *a, **kw)
+        try:
+            tm(tokens, use_cache=False)
+        finally:
+            del module.forward
+    gate, up, down = (stats[f"blk.0.ffn_{w}_exps.weight"] for w in ("gate", "up", "down"))
+    assert isinstance(gate, ExpertStats) and seen["gate_up"].any() and seen["down"].any()
+    for e in range(n_exp):  # the module used each expert's weights once (its own matmuls), as the hook saw
+        np.testing.assert_allclose(gate.experts[e].sum_sq, seen["gate_up"][e], rtol=1e-5)
+        np.testing.assert_allclose(up.experts[e].sum_sq, seen["gate_up"][e], rtol=1e-5)
+        np.testing.assert_allclose(down.experts[e].sum_sq, seen["down"][e], rtol=1e-5)
+    assert gate.count.sum() == 64 * m.arch_field("{arch}.expert_used_count")
+
+
+@pytest.fixture(scope="module")
+def qwen3moe_calibration(qwen3moe_gguf):
+    return calibrate(GGUFModel(qwen3moe_gguf), wiki_text("calibration"), CalibrationConfig(tokens=512, ctx=128, fisher_chunks=1, judge_chunks=2, threads=1))
+
+
+def test_moe_tables_weigh_each_expert_by_its_own_importance(qwen3moe_gguf, qwen3moe_calibration, tmp_path):
+    """The sensitivity table of an expert tensor is the error of exactly what llama.cpp writes,
+    every expert's rows weighted by that expert's importance; row sampling keeps to the experts."""
+    from windq.pipeline.sensitivity import compute_tables
+
+    m = GGUFModel(qwen3moe_gguf)
+    im = qwen3moe_calibration.imatrix.data
+    only = ("blk.0.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight")
+    tables = compute_tables(m, im, group=None, only=only, allowed=("IQ2_XS", "Q4_K"))
+    chosen = {t.name: t.type_name for t in m.quantizable()} | {only[0]: "IQ2_XS", only[1]: "Q4_K"}
+    out = GGUFModel(export_gguf(m, make_plan(m, chosen, method="manual"), tmp_path / "x.gguf", imatrix=im).path)
+    for name in only:
+        info, t = m.tensors[name], tables.tensors[name]
+        d2 = ((m.dequantized(name).astype(np.float64) - out.dequantized(name)) ** 2).reshape(info.n_mat, -1, info.n_per_row).sum(1)
+        want = (d2 * im[name].reshape(info.n_mat, -1)).sum()
+        np.testing.assert_allclose(t.error[t.types.index(chosen[name]), 0], want, rtol=1e-6)
+        pooled = (d2 * im[name].reshape(info.n_mat, -1).mean(0)).sum()
+        assert abs(want - pooled) > 1e-3 * want  # the experts' importances differ enough to tell
+    sampled = compute_tables(m, im, group=None, only=only, allowed=("Q4_K",), sample_rows=128)
+    for name in only:
+        np.testing.assert_allclose(sampled.tensors[name].tensor_error(), tables.tensors[name].tensor_error()[1:], rtol=0.2)
+        assert np.array_equal(sampled.tensors[name].nbytes, tables.tensors[name].nbytes[1:])
+
+
+def test_moe_plan_is_judged_and_exported_per_expert(qwen3moe_gguf, qwen3moe_calibration, tmp_path):
+    """The real loss puts each expert tensor's quantized weights in its part of transformers'
+    shared parameter: the source plan costs exactly nothing, changing one expert tensor costs
+    something, and what it measures is the exported file's weights."""
+    m = GGUFModel(qwen3moe_gguf)
+    im = qwen3moe_calibration.imatrix.data
+    judge = RealLoss(m, im, qwen3moe_calibration.judge)
+    source = {t.name: t.type_name for t in m.quantizable()}
+    up = "blk.1.ffn_up_exps.weight"
+    assert judge.kl(source) == 0.0
+    assert judge.kl({**source, up: "IQ2_XS"}) > 1e-4
+    slot = judge.params[up]
+    out = GGUFModel(export_gguf(m, make_plan(m, {**source, up: "IQ2_XS"}, method="manual"), tmp_path / "x.gguf", imatrix=im).path)
+    assert np.array_equal(slot.of(slot.param).detach().numpy().reshape(-1, 256), out.dequantized(up))
+    assert np.array_equal(judge.params["blk.1.ffn_gate_exps.weight"].of(slot.param).detach().numpy().reshape(-1, 256), m.dequantized("blk.1.ffn_gate_exps.weight"))
+    assert judge.kl(source) == 0.0
+
+
+def _with_linear(replacement, fn, *args, **kw):
+    import torch
+
+    original = torch.nn.functional.linear
+    torch.nn.functional.linear = replacement
+    try:
+        return fn(*args, **kw)
+    finally:
+        torch.nn.functional.linear = original
+
+
+def test_streaming_refuses_moe_in_one_line(qwen3moe_gguf):
+    from windq.pipeline.streaming import StreamedModel
+
+    with pytest.raises(UnsupportedModelError) as e:
+        StreamedModel(GGUFModel(qwen3moe_gguf))
+    assert "blk.0.ffn_gate_exps.weight fills part of a torch parameter" in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(

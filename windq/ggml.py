@@ -99,22 +99,30 @@ def _f32(a: np.ndarray) -> np.ndarray:
 def quantize(type_id: int, weights: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     """Quantize a 2-D float matrix (rows × n_per_row) with ggml_quantize_chunk; returns the raw bytes.
 
-    `imatrix` holds one importance per input column (n_per_row values), as llama.cpp passes it.
+    `imatrix` holds one importance per input column (n_per_row values), as llama.cpp passes it; for
+    a stack of k matrices (an MoE tensor's experts, rows in expert order) k × n_per_row values, each
+    expert's rows quantized with its own slice, as llama.cpp's quantizer does (imatrix_for_row in
+    src/llama-quant.cpp).
     """
     w = _f32(weights)
     nrows, n_per_row = w.shape
     out = np.empty(nrows * row_size(type_id, n_per_row), dtype=np.uint8)
-    im = None if imatrix is None else _f32(imatrix)
+    im = None if imatrix is None else _f32(imatrix).reshape(-1)
     if im is None and requires_imatrix(type_id):
         # ggml asserts (aborting the whole process) rather than returning an error
         raise IllegalTypeError(f"{type_name(type_id)} cannot be quantized without importance data; pass an imatrix")
-    if im is not None and im.shape != (n_per_row,):
-        raise CalibrationError(f"importance data of {im.shape[0]} columns for rows of {n_per_row}: an imatrix for another model")
-    written = lib().ggml_quantize_chunk(
-        type_id, w.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, None if im is None else im.ctypes.data
-    )
-    if written != out.nbytes:
-        raise WindqError(f"ggml_quantize_chunk wrote {written} bytes for {type_name(type_id)}, expected {out.nbytes}")
+    n_mat = 1 if im is None else len(im) // n_per_row
+    if im is not None and (len(im) % n_per_row or nrows % n_mat):
+        raise CalibrationError(f"importance data of {im.shape[0]} columns for {nrows} rows of {n_per_row}: an imatrix for another model")
+    rows_per_mat, row_bytes = nrows // n_mat, row_size(type_id, n_per_row)
+    for e in range(n_mat):
+        r0 = e * rows_per_mat
+        written = lib().ggml_quantize_chunk(
+            type_id, w[r0:].ctypes.data, out[r0 * row_bytes :].ctypes.data, 0, rows_per_mat, n_per_row,
+            None if im is None else im[e * n_per_row :].ctypes.data,
+        )  # fmt: skip
+        if written != rows_per_mat * row_bytes:
+            raise WindqError(f"ggml_quantize_chunk wrote {written} bytes for {type_name(type_id)}, expected {rows_per_mat * row_bytes}")
     if not lib().ggml_validate_row_data(type_id, out.ctypes.data, out.nbytes):
         raise WindqError(f"ggml rejected its own {type_name(type_id)} data (non-finite weights?)")
     return out
