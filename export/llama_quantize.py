@@ -37,7 +37,8 @@ def quantize_file(
     dry_run: bool = False,
 ) -> list[str]:
     """Call llama_model_quantize. `overrides` maps exact tensor names to ggml type ids; `imatrix`
-    maps tensor names to float32 arrays (one value per input column). Returns what llama.cpp
+    maps tensor names to float32 arrays (one value per input column; an MoE tensor's, one row of
+    them per expert, expert after expert). Returns what llama.cpp
     logged; raises ExportError with its reason on failure. With `dry_run` nothing is quantized or
     written: llama.cpp only logs each tensor's type (see `dry_run_types`)."""
     import numpy as np

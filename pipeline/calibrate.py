@@ -314,7 +314,7 @@ def weight_processor(model: GGUFModel, torch_model):
     return TENSOR_PROCESSORS.get(model.architecture, TensorProcessor)(config=torch_model.config.to_dict())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: its field is a tensor
 class Slot:
     """Where a GGUF tensor lives in transformers' model: a whole parameter, or a part of one
     (transformers' MoE models hold a layer's gate and up experts in one parameter)."""
@@ -347,7 +347,7 @@ def parameter_slots(model: GGUFModel, torch_model) -> dict[str, Slot]:
         hf_names = get_gguf_hf_weights_map(torch_model, processor)
     params = dict(torch_model.named_parameters())
     out: dict[str, Slot] = {}
-    filled: dict[str, int] = {}
+    parts: dict[str, list] = {}  # parameter → the parts of it the file's tensors fill
     for tensor in model.tensors:
         hf, part = hf_names.get(tensor), None
         if hf is None and tensor.endswith(".weight") and tensor.removesuffix(".weight") in hf_names:
@@ -359,15 +359,36 @@ def parameter_slots(model: GGUFModel, torch_model) -> dict[str, Slot]:
                 f"{model.path.name}: tensor {tensor} has no place in transformers' {type(torch_model).__name__}, "
                 f"which would run without it; this {model.architecture} variant is not supported"
             )
-        out[tensor] = slot = Slot(params[hf], part)
-        filled[hf] = filled.get(hf, 0) + slot.of(slot.param).numel()
-    missing = [n for n, p in params.items() if filled.get(n, 0) != p.numel()]
+        out[tensor] = Slot(params[hf], part)
+        parts.setdefault(hf, []).append(part)
+    missing = [n for n in params if n not in parts]
     if missing:
         raise UnsupportedModelError(
             f"{model.path.name}: transformers' {type(torch_model).__name__} has {missing[0]} ({len(missing)} such), "
             f"which no tensor of the file fills; this {model.architecture} variant is not supported"
         )
+    for name, got in parts.items():
+        if not _tiles(got, params[name].shape):
+            raise UnsupportedModelError(
+                f"{model.path.name}: {len(got)} tensors of the file fill transformers' {name} other than once each; "
+                f"this {model.architecture} variant is not supported"
+            )
     return out
+
+
+def _tiles(parts: list, shape) -> bool:
+    """Whether the parts fill a parameter of `shape` exactly once: one whole, or slices of one
+    dimension end to end."""
+    if parts == [None]:
+        return True
+    if None in parts or len({dim for dim, _, _ in parts}) != 1:
+        return False
+    end = 0
+    for _, start, length in sorted(parts, key=lambda p: p[1]):
+        if start != end:
+            return False
+        end += length
+    return end == shape[parts[0][0]]
 
 
 def _part_filled(model: GGUFModel, processor, tensor: str, hf: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
@@ -399,12 +420,13 @@ def parameter_tensors(model: GGUFModel, torch_model) -> dict[int, str]:
     return {id(s.param): t for t, s in parameter_slots(model, torch_model).items() if s.part is None}
 
 
-def module_to_tensor(model: GGUFModel, torch_model) -> dict[str, str]:
+def module_to_tensor(model: GGUFModel, torch_model, slots: Mapping[str, Slot] | None = None) -> dict[str, str]:
     """HF nn.Linear module name → the GGUF weight it multiplies by (token_embd for a tied head: its
-    inputs are what that matrix sees on its way out)."""
+    inputs are what that matrix sees on its way out). `slots`: parameter_slots', if at hand."""
     import torch
 
-    by_param = parameter_tensors(model, torch_model)
+    slots = parameter_slots(model, torch_model) if slots is None else slots
+    by_param = {id(s.param): t for t, s in slots.items() if s.part is None}
     return {
         name: by_param[id(mod.weight)] for name, mod in torch_model.named_modules() if isinstance(mod, torch.nn.Linear)
     }
@@ -542,10 +564,10 @@ def _expert_roles():
     return {T.FFN_GATE_EXP: "gate", T.FFN_UP_EXP: "up", T.FFN_DOWN_EXP: "down"}
 
 
-def expert_modules(model: GGUFModel, torch_model) -> dict[str, dict[str, tuple[str, Slot]]]:
+def expert_modules(model: GGUFModel, torch_model, slots: Mapping[str, Slot] | None = None) -> dict[str, dict[str, tuple[str, Slot]]]:
     """HF module name → {"gate"|"up"|"down": (GGUF tensor, slot)} for every module holding a layer's
     routed experts (transformers' `…Experts`: 3-D parameters, experts first)."""
-    slots = parameter_slots(model, torch_model)
+    slots = parameter_slots(model, torch_model) if slots is None else slots
     owner = {id(p): name for name, mod in torch_model.named_modules() for p in mod._parameters.values() if p is not None}
     out: dict[str, dict[str, tuple[str, Slot]]] = {}
     roles_of = _expert_roles()
@@ -623,7 +645,8 @@ def calibrate(
     else:
         tm = load_torch_model(model)
         sm, fisher_of = tm, fisher_marginals
-    names = module_to_tensor(model, tm)
+    slots = parameter_slots(model, tm)
+    names = module_to_tensor(model, tm, slots)
     # The imatrix needs the output head's input, not its output: the decoder alone runs, and its
     # last hidden state (after the final norm) is what the head would have been given. The head's
     # logits were a fifth of the default model's work per token and 512 × vocabulary floats a chunk.
@@ -633,7 +656,7 @@ def calibrate(
     with (
         torch_threads(cfg.threads), torch.inference_mode(),
         observe_linear_inputs(tm, {n: t for n, t in names.items() if n != head_module}, stats),
-        observe_expert_inputs(tm, expert_modules(model, tm), stats),
+        observe_expert_inputs(tm, expert_modules(model, tm, slots), stats),
     ):  # fmt: skip
         head_stats = stats.setdefault(names[head_module], ActivationStats.empty(head.in_features))
         for i in range(n_chunks):
@@ -641,6 +664,14 @@ def calibrate(
             head_stats.add(hidden.float().numpy())
             if progress:
                 progress(i + 1, n_chunks)
+    # an expert no token was routed to has no importance to give llama.cpp's quantizer (llama-quantize
+    # would put ones there in silence): refused now, not when a plan needs it
+    unseen = [(t, e) for t, s in stats.items() if isinstance(s, ExpertStats) for e, c in enumerate(s.count) if c == 0]
+    if unseen:
+        raise CalibrationError(
+            f"{model.path.name}: expert {unseen[0][1]} of {unseen[0][0]} was routed none of the {int(tokens.size)} "
+            f"calibration tokens ({len(unseen)} such); calibrate on more text (--tokens)"
+        )
     n_fisher = min(cfg.fisher_chunks, n_chunks)
     with torch_threads(cfg.threads):
         fisher = fisher_of(

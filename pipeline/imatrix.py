@@ -40,9 +40,9 @@ class Imatrix:
         that saw no tokens has no importance to give; it is refused, never replaced by ones."""
         empty = [name for name, c in self.counts.items() if np.any(np.asarray(c) <= 0)]
         if empty:
+            which = "" if np.ndim(self.counts[empty[0]]) == 0 else f"'s expert {int(np.argmin(self.counts[empty[0]]))}"
             raise CalibrationError(
-                f"imatrix entry {empty[0]} saw no tokens ({len(empty)} such, an expert's counts alone); "
-                "calibrate on more text or drop the entry"
+                f"imatrix entry {empty[0]}{which} saw no tokens ({len(empty)} such entries); calibrate on more text or drop the entry"
             )
         out = {}
         for name, s in self.sums.items():

@@ -211,6 +211,8 @@ def run_planner(
                 f"{model.path.name}: the verification and PPO's real loss measure plans in torch, which windq does not "
                 f"run for {model.architecture!r} (an FFN-split model is one); plan it with --no-verify (ppo: --real-loss-tokens 0)"
             )
+    if cfg.stream and any(t.n_mat > 1 for t in model.quantizable()):  # StreamedModel would refuse it after the tables
+        raise UnsupportedModelError(f"{model.path.name}: the real loss does not stream MoE experts yet; plan it without --stream")
     # a policy file is refused before any table is built, and read as data only
     policy = None
     if cfg.method == "ppo" and cfg.policy:

@@ -107,7 +107,7 @@ def unit_features(
         kind[_kind(u.tensor)] = 1
         ws = weight_stats[u.tensor][:, cols]
         imp = importance.get(u.tensor)
-        # an MoE tensor's importance, one row per expert, pooled per column as its activations are
+        # an MoE tensor's importance, one row per expert: the experts' mean per column
         imp = np.ones(ws.shape[1]) if imp is None else imp.reshape(-1, weight_stats[u.tensor].shape[1]).mean(0)[cols]
         act = (activations or {}).get(u.tensor)
         if act is not None:

@@ -125,7 +125,7 @@ class RealLoss:
         else:
             key = (tensor, type_name)
             if key not in self._bytes:
-                self._bytes.put(key, ggml.quantize(qt.id, self.model.dequantized(tensor), self.imatrix.get(tensor)))
+                self._bytes.put(key, ggml.quantize(qt.id, self.model.dequantized(tensor), self.imatrix.get(tensor), experts=info.n_mat))
             w = ggml.dequantize(qt.id, self._bytes.get(key), (rows, info.n_per_row))
         return self._process.process(w, tensor).weights
 

@@ -68,7 +68,7 @@ class StreamedModel:
                 f"{model.path.name}: {shared[0]} fills part of a torch parameter ({len(shared)} such: MoE experts); "
                 "streaming runs models whose tensors are whole parameters: run without --stream"
             )
-        by_param = {id(s.param): t for t, s in slots.items()}
+        by_param = {id(s.param): t for t, s in slots.items()}  # every slot is a whole parameter here
         # module → [(parameter name, its meta parameter, GGUF tensor)]: a tied head lists the embedding's
         self._slots = [
             (mod, [(pname, p, by_param[id(p)]) for pname, p in mod._parameters.items() if p is not None])

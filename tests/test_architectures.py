@@ -14,7 +14,7 @@ import pytest
 
 from helpers import assert_one_line_error, windq
 from windq import ggml, registry
-from windq.errors import UnsupportedModelError
+from windq.errors import CalibrationError, UnsupportedModelError
 from windq.export.quantize import export_gguf
 from windq.llamacpp import load_llama
 from windq.models import synthetic
@@ -166,7 +166,7 @@ def test_head_width_is_llama_cpps_not_transformers_default(head_dim, tmp_path, m
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tied_head_is_the_embedding(arch, tmp_path):
     """No output.weight (SmolLM2, Qwen2.5-0.5B): the head's inputs and the Fisher go to token_embd."""
-    m = GGUFModel(write_synthetic_gguf(tmp_path / "tied.gguf", SyntheticConfig(architecture=arch, tied=True)))
+    m = GGUFModel(write_synthetic_gguf(tmp_path / "tied.gguf", dataclasses.replace(tiny_config(arch), tied=True)))
     judge = RealLoss(m, None, np.random.default_rng(1).integers(3, 259, (2, 64)))
     assert module_to_tensor(m, judge.tm)["lm_head"] == "token_embd.weight"
     assert judge.params["token_embd.weight"].param is judge.tm.get_input_embeddings().weight
@@ -230,13 +230,13 @@ def test_llama_quantizer_uses_the_imatrix_windq_writes(arch_gguf, arch_calibrati
     for name, importance in im.data.items():
         # llama.cpp found each entry by name and size, and quantized with it: windq's own Q4_0 of the
         # tensor with the same importance is byte for byte what llama.cpp wrote
-        assert out.raw(name).tobytes() == ggml.quantize(q4, m.dequantized(name), importance).tobytes(), name
+        assert out.raw(name).tobytes() == ggml.quantize(q4, m.dequantized(name), importance, experts=m.tensors[name].n_mat).tobytes(), name
     name = "blk.0.ffn_down.weight" if "blk.0.ffn_down.weight" in m.tensors else "blk.0.ffn_down_exps.weight"
     assert out.raw(name).tobytes() != ggml.quantize(q4, m.dequantized(name), None).tobytes()
     info = m.tensors[name]
     if info.n_mat > 1:  # each expert quantized with its own importance, not the experts' mean
         pooled = np.tile(im.data[name].reshape(info.n_mat, -1).mean(0), info.n_mat)
-        assert out.raw(name).tobytes() != ggml.quantize(q4, m.dequantized(name), pooled).tobytes()
+        assert out.raw(name).tobytes() != ggml.quantize(q4, m.dequantized(name), pooled, experts=info.n_mat).tobytes()
 
 
 def test_align_runs_on_the_llama_layout_and_refuses_the_others_in_one_line(arch_gguf):
@@ -343,7 +343,7 @@ def test_expert_inputs_are_what_the_experts_multiply(qwen3moe_gguf):
         finally:
             del module.forward
     gate, up, down = (stats[f"blk.0.ffn_{w}_exps.weight"] for w in ("gate", "up", "down"))
-    assert isinstance(gate, ExpertStats) and seen["gate_up"].any() and seen["down"].any()
+    assert isinstance(gate, ExpertStats) and seen["gate_up"].any(1).all() and seen["down"].any(1).all()  # every expert used
     for e in range(n_exp):  # the module used each expert's weights once (its own matmuls), as the hook saw
         np.testing.assert_allclose(gate.experts[e].sum_sq, seen["gate_up"][e], rtol=1e-5)
         np.testing.assert_allclose(up.experts[e].sum_sq, seen["gate_up"][e], rtol=1e-5)
@@ -374,10 +374,17 @@ def test_moe_tables_weigh_each_expert_by_its_own_importance(qwen3moe_gguf, qwen3
         np.testing.assert_allclose(t.error[t.types.index(chosen[name]), 0], want, rtol=1e-6)
         pooled = (d2 * im[name].reshape(info.n_mat, -1).mean(0)).sum()
         assert abs(want - pooled) > 1e-3 * want  # the experts' importances differ enough to tell
-    sampled = compute_tables(m, im, group=None, only=only, allowed=("Q4_K",), sample_rows=128)
+    # row sampling: the last expert's importance made 1,000× the others', so an estimate that
+    # weighed a sampled row by another expert's importance would be off by far more than sampling is
+    loud = {n: v.copy() for n, v in im.items()}
     for name in only:
-        np.testing.assert_allclose(sampled.tensors[name].tensor_error(), tables.tensors[name].tensor_error()[1:], rtol=0.2)
-        assert np.array_equal(sampled.tensors[name].nbytes, tables.tensors[name].nbytes[1:])
+        loud[name].reshape(m.tensors[name].n_mat, -1)[-1] *= 1000
+    full = compute_tables(m, loud, group=None, only=only, allowed=("Q4_K",))
+    sampled = compute_tables(m, loud, group=None, only=only, allowed=("Q4_K",), sample_rows=128)
+    for name in only:
+        assert not np.array_equal(sampled.tensors[name].error, full.tensors[name].error)  # it did sample
+        np.testing.assert_allclose(sampled.tensors[name].tensor_error(), full.tensors[name].tensor_error(), rtol=0.2)
+        assert np.array_equal(sampled.tensors[name].nbytes, full.tensors[name].nbytes)
 
 
 def test_moe_plan_is_judged_and_exported_per_expert(qwen3moe_gguf, qwen3moe_calibration, tmp_path):
@@ -396,6 +403,53 @@ def test_moe_plan_is_judged_and_exported_per_expert(qwen3moe_gguf, qwen3moe_cali
     assert np.array_equal(slot.of(slot.param).detach().numpy().reshape(-1, 256), out.dequantized(up))
     assert np.array_equal(judge.params["blk.1.ffn_gate_exps.weight"].of(slot.param).detach().numpy().reshape(-1, 256), m.dequantized("blk.1.ffn_gate_exps.weight"))
     assert judge.kl(source) == 0.0
+
+
+def test_an_expert_no_token_reached_is_refused_at_calibration(qwen3moe_gguf, monkeypatch):
+    """llama-quantize would give such an expert importance 1 in silence; windq says which, once
+    the imatrix pass is done, before the Fisher and before anything is written."""
+    import torch
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    def two_experts_only(self, hidden_states):  # every token routed to experts 0 and 1
+        h = hidden_states.reshape(-1, self.hidden_dim)
+        logits = torch.nn.functional.linear(h, self.weight)
+        chosen = torch.tensor([[0, 1]]).expand(len(h), 2)
+        return logits, torch.full((len(h), 2), 0.5), chosen
+
+    monkeypatch.setattr(modeling_qwen3_moe.Qwen3MoeTopKRouter, "forward", two_experts_only)
+    with pytest.raises(CalibrationError) as e:
+        calibrate(GGUFModel(qwen3moe_gguf), wiki_text("calibration"), CalibrationConfig(tokens=256, ctx=128, judge_chunks=1, threads=1))
+    assert "expert 2 of blk.0.ffn_gate_exps.weight was routed none of the 256 calibration tokens (12 such)" in str(e.value)
+
+
+def test_an_moe_imatrix_with_one_count_for_all_experts_is_read_as_llama_cpp_does(qwen3moe_gguf, tmp_path):
+    """An older llama-imatrix wrote one count for an MoE entry; llama.cpp broadcasts it. Counts
+    for another number of experts are another model's."""
+    from windq.pipeline.imatrix import Imatrix, save_imatrix
+
+    m = GGUFModel(qwen3moe_gguf)
+    name = "blk.0.ffn_up_exps.weight"
+    info = m.tensors[name]
+    sums = np.arange(info.n_mat * info.n_per_row, dtype=np.float64)
+    save_imatrix(Imatrix({name: sums}, {name: 10}), tmp_path / "one.gguf", "qwen3moe")
+    np.testing.assert_allclose(load_imatrix(tmp_path / "one.gguf", m).data[name], sums / 10, rtol=1e-6)
+    save_imatrix(Imatrix({name: sums}, {name: np.arange(1, info.n_mat + 1)}), tmp_path / "each.gguf", "qwen3moe")
+    want = (sums.reshape(info.n_mat, -1) / np.arange(1, info.n_mat + 1)[:, None]).reshape(-1)
+    np.testing.assert_allclose(load_imatrix(tmp_path / "each.gguf", m).data[name], want, rtol=1e-6)
+    save_imatrix(Imatrix({name: sums}, {name: np.ones(2, np.int64)}), tmp_path / "two.gguf", "qwen3moe")
+    with pytest.raises(CalibrationError, match=f"{name} has 2 experts of 512 columns there, 4 experts of 256"):
+        load_imatrix(tmp_path / "two.gguf", m)
+
+
+def test_moe_plan_refuses_stream_before_tables(qwen3moe_gguf, tmp_path):
+    from windq.pipeline.planner import PlanConfig, run_planner
+
+    stats = tmp_path / "stats"
+    save_calibration(calibrate(GGUFModel(qwen3moe_gguf), wiki_text("calibration"), CalibrationConfig(tokens=256, ctx=128, judge_chunks=1, threads=1)), stats)
+    with pytest.raises(UnsupportedModelError, match="does not stream MoE experts yet"):
+        run_planner(GGUFModel(qwen3moe_gguf), stats, PlanConfig(bpw=5.0, stream=True))
+    assert not list(stats.glob("sensitivity-*"))
 
 
 def _with_linear(replacement, fn, *args, **kw):

@@ -85,3 +85,7 @@ def test_quantizing_without_required_importance_is_a_typed_error():
         ggml.quantize(registry.get("IQ2_XXS").id, np.ones((1, 256), np.float32))
     with pytest.raises(CalibrationError, match="another model"):
         ggml.quantize(registry.get("Q8_0").id, np.ones((1, 256), np.float32), np.ones(128, np.float32))
+    with pytest.raises(CalibrationError, match="another model"):  # two experts' importance for a dense matrix
+        ggml.quantize(registry.get("Q8_0").id, np.ones((2, 256), np.float32), np.ones(512, np.float32))
+    with pytest.raises(CalibrationError, match="another model"):  # one expert's for two
+        ggml.quantize(registry.get("Q8_0").id, np.ones((2, 256), np.float32), np.ones(256, np.float32), experts=2)

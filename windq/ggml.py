@@ -96,13 +96,13 @@ def _f32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def quantize(type_id: int, weights: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+def quantize(type_id: int, weights: np.ndarray, imatrix: np.ndarray | None = None, *, experts: int = 1) -> np.ndarray:
     """Quantize a 2-D float matrix (rows × n_per_row) with ggml_quantize_chunk; returns the raw bytes.
 
     `imatrix` holds one importance per input column (n_per_row values), as llama.cpp passes it; for
-    a stack of k matrices (an MoE tensor's experts, rows in expert order) k × n_per_row values, each
-    expert's rows quantized with its own slice, as llama.cpp's quantizer does (imatrix_for_row in
-    src/llama-quant.cpp).
+    a stack of `experts` matrices (an MoE tensor, rows expert after expert) experts × n_per_row
+    values, each expert's rows quantized with its own slice, as llama.cpp's quantizer does
+    (imatrix_for_row in src/llama-quant.cpp).
     """
     w = _f32(weights)
     nrows, n_per_row = w.shape
@@ -111,11 +111,13 @@ def quantize(type_id: int, weights: np.ndarray, imatrix: np.ndarray | None = Non
     if im is None and requires_imatrix(type_id):
         # ggml asserts (aborting the whole process) rather than returning an error
         raise IllegalTypeError(f"{type_name(type_id)} cannot be quantized without importance data; pass an imatrix")
-    n_mat = 1 if im is None else len(im) // n_per_row
-    if im is not None and (len(im) % n_per_row or nrows % n_mat):
-        raise CalibrationError(f"importance data of {im.shape[0]} columns for {nrows} rows of {n_per_row}: an imatrix for another model")
-    rows_per_mat, row_bytes = nrows // n_mat, row_size(type_id, n_per_row)
-    for e in range(n_mat):
+    if nrows % experts or (im is not None and len(im) != experts * n_per_row):
+        raise CalibrationError(
+            f"importance data of {len(im) if im is not None else 0} values for {experts} × {n_per_row} columns "
+            f"({nrows} rows): an imatrix for another model"
+        )
+    rows_per_mat, row_bytes = nrows // experts, row_size(type_id, n_per_row)
+    for e in range(experts):
         r0 = e * rows_per_mat
         written = lib().ggml_quantize_chunk(
             type_id, w[r0:].ctypes.data, out[r0 * row_bytes :].ctypes.data, 0, rows_per_mat, n_per_row,
@@ -144,7 +146,7 @@ def dequantize(type_id: int, data: np.ndarray, shape: tuple[int, int]) -> np.nda
     return out
 
 
-def round_trip(type_id: int, weights: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+def round_trip(type_id: int, weights: np.ndarray, imatrix: np.ndarray | None = None, *, experts: int = 1) -> np.ndarray:
     """What a tensor becomes after writing it as `type_id` and reading it back."""
     w = _f32(weights)
-    return dequantize(type_id, quantize(type_id, w, imatrix), w.shape)
+    return dequantize(type_id, quantize(type_id, w, imatrix, experts=experts), w.shape)
