@@ -69,7 +69,7 @@ ARCHITECTURES = {
         Architecture("gemma3", "gemma3_text", ("Gemma 3",)),
         Architecture("gemma2", "gemma2", ("Gemma 2",)),
         Architecture("phi3", "phi3", ("Phi-3", "Phi-4")),
-        # routed experts (3-D tensors, one imatrix per expert), no shared expert: Qwen3-30B-A3B, 235B-A22B
+        # routed experts (3-D tensors, one imatrix per expert), no shared expert: Qwen3-30B-A3B's layout
         Architecture("qwen3moe", "qwen3_moe", ("Qwen3-MoE",)),
     )
 }
@@ -412,12 +412,6 @@ def _part_filled(model: GGUFModel, processor, tensor: str, hf: str, shape: tuple
                 if not rest and torch.equal(got.narrow(dim, start, 2), torch.from_numpy(probe)):
                     return dim, start * scale, 2 * scale
     raise UnsupportedModelError(f"transformers' {type(processor).__name__} does more than place {tensor} in {hf}")
-
-
-def parameter_tensors(model: GGUFModel, torch_model) -> dict[int, str]:
-    """id(torch parameter) → the GGUF tensor it was loaded from, for parameters that hold one whole
-    tensor (every one of a dense model); checked as `parameter_slots` checks."""
-    return {id(s.param): t for t, s in parameter_slots(model, torch_model).items() if s.part is None}
 
 
 def module_to_tensor(model: GGUFModel, torch_model, slots: Mapping[str, Slot] | None = None) -> dict[str, str]:

@@ -112,7 +112,7 @@ class AlignWidth(click.ParamType):
 threads_option = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="CPU threads; 0 = all cores.")
 stream_option = click.option(
     "--stream", is_flag=True,
-    help="Run the model in torch one module at a time, its weights read from the GGUF as it runs: the same results in the memory of one layer, for a model whose float32 weights do not fit.",
+    help="Run the model in torch one module at a time, its weights read from the GGUF as it runs: the same results in the memory of one layer, for a model whose float32 weights do not fit (dense models; MoE is refused).",
 )  # fmt: skip
 
 
