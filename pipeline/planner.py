@@ -37,7 +37,7 @@ class PlanConfig:
     objective: str = "kl"
     exclude_source: bool = False  # never plan a tensor in its source type (llama.cpp would copy it, error-free)
     verify: bool = False  # (`windq plan` turns it on) measure the plan against the best uniform plan and llama.cpp's mixes; keep the best
-    verify_tokens: int = 2048  # judge tokens the verification measures on (8 sequences of 256)
+    verify_tokens: int | None = None  # judge tokens the verification measures on (None: every one calibrate kept, 2,048 by default)
     verify_mixes: tuple[str, ...] | None = None  # llama.cpp mixes the verification tries (None: verify.STOCK_MIXES)
     sample_rows: int | None = None  # tables from about this many rows of each larger tensor (None: every row)
     stream: bool = False  # the real loss runs one module's weights at a time (pipeline/streaming.py): same KL, less memory
@@ -114,12 +114,14 @@ def _ppo(job: Job) -> Allocation:
     scale = 1.0
     if cfg.real_loss_tokens > 0:
         loss = job.judge()
+        # the judge may hold more (the verification's); PPO's episodes measure the tokens asked for
+        seqs = -(-cfg.real_loss_tokens // loss.tokens.shape[1])
         # the real loss is judged on the exported plan: chunk choices are projected first
         if prob.granularity == "tensor":
-            real = lambda choice: loss.kl(allocate.tensor_types(tp, choice))  # noqa: E731
+            real = lambda choice: loss.kl(allocate.tensor_types(tp, choice), seqs)  # noqa: E731
         else:
             real = lambda choice: loss.kl(  # noqa: E731
-                allocate.tensor_types(tp, allocate.project_to_tensors(prob, choice, tp, cfg.bpw))
+                allocate.tensor_types(tp, allocate.project_to_tensors(prob, choice, tp, cfg.bpw)), seqs
             )
         scale = max(real(allocate.knapsack(prob, cfg.bpw)), 1e-9)
     env = ppo.AllocationEnv(prob, feats, cfg.bpw, real_loss=real, real_loss_scale=scale)
@@ -134,11 +136,18 @@ def _ppo(job: Job) -> Allocation:
 METHODS: dict[str, Callable[[Job], Allocation]] = {"knapsack": _knapsack, "ppo": _ppo, "uniform": _uniform, "random": _random}
 
 
-def judge_sequences(judge: np.ndarray, tokens: int, per_sequence: int = 256) -> np.ndarray:
-    """`tokens` judge tokens as the first `per_sequence` of as many chunks as it takes (several
-    sequences, not one long one: positions late in one text are not independent samples)."""
+def judge_sequences(judge: np.ndarray, tokens: int | None, per_sequence: int = 256) -> np.ndarray:
+    """`tokens` judge tokens (None: one sequence from every chunk) as the first `per_sequence` of as
+    many chunks as it takes (several sequences, not one long one: positions late in one text are not
+    independent samples)."""
     per = min(per_sequence, judge.shape[1])
-    n = min(len(judge), max(1, -(-tokens // per)))
+    n = len(judge) if tokens is None else max(1, -(-tokens // per))
+    if n > len(judge):
+        # never measure on fewer tokens than asked: a smaller judge is a noisier one
+        raise CalibrationError(
+            f"{tokens} judge tokens asked for, the calibration folder holds {len(judge) * per} "
+            f"({len(judge)} chunks, {per} tokens each): ask for fewer or recalibrate with --judge-chunks {n}"
+        )
     return judge[:n, :per]
 
 
@@ -242,7 +251,8 @@ def run_planner(
         if not judge_cache:
             from windq.pipeline.real_loss import RealLoss
 
-            n = max(cfg.verify_tokens if cfg.verify else 0, cfg.real_loss_tokens)
+            wanted = ([cfg.verify_tokens] if cfg.verify else []) + ([cfg.real_loss_tokens] if cfg.method == "ppo" else [])
+            n = None if None in wanted else max(wanted)
             judge_cache.append(RealLoss(model, data, judge_sequences(load_judge_tokens(statsdir), n), stream=cfg.stream))
         return judge_cache[0]
 

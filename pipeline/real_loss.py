@@ -104,11 +104,12 @@ class RealLoss:
     def n_sequences(self) -> int:
         return int(self.tokens.shape[0])
 
-    def _logp(self):
+    def _logp(self, sequences: int | None = None):
         import torch
 
+        tokens = self.tokens[:sequences]
         with torch.inference_mode():
-            logits = self.sm(self.tokens).logits if self.sm else self.tm(self.tokens, use_cache=False).logits
+            logits = self.sm(tokens).logits if self.sm else self.tm(tokens, use_cache=False).logits
             return torch.log_softmax(logits.float(), dim=-1)
 
     def _streamed_weights(self, tensor: str) -> np.ndarray:
@@ -129,12 +130,12 @@ class RealLoss:
             w = ggml.dequantize(qt.id, self._bytes.get(key), (rows, info.n_per_row))
         return self._process.process(w, tensor).weights
 
-    def kl(self, types: Mapping[str, str]) -> float:
-        """Mean KL(reference ‖ plan) per token, in nats."""
-        return float(self.kl_per_sequence(types).mean())  # every sequence has the same length
+    def kl(self, types: Mapping[str, str], sequences: int | None = None) -> float:
+        """Mean KL(reference ‖ plan) per token, in nats (on the first `sequences` only, if given)."""
+        return float(self.kl_per_sequence(types, sequences).mean())  # every sequence has the same length
 
-    def kl_per_sequence(self, types: Mapping[str, str]) -> np.ndarray:
-        """Mean KL(reference ‖ plan) per token of each judge sequence, in nats."""
+    def kl_per_sequence(self, types: Mapping[str, str], sequences: int | None = None) -> np.ndarray:
+        """Mean KL(reference ‖ plan) per token of each judge sequence (the first `sequences`), in nats."""
         import torch
 
         if self.sm:
@@ -142,14 +143,14 @@ class RealLoss:
             if unknown:
                 raise KeyError(f"not planned: {sorted(unknown)[0]}")
             self._types.update(types)
-            return self._kl_now()
+            return self._kl_now(sequences)
         with torch.no_grad():
             for tensor, type_name in types.items():
                 slot = self.params[tensor]
                 slot.of(slot.param).copy_(torch.from_numpy(self._weights(tensor, type_name)).view(slot.shape))
-        return self._kl_now()
+        return self._kl_now(sequences)
 
-    def _kl_now(self) -> np.ndarray:
-        logp = self._logp()
-        kl = (self.ref_logp.exp() * (self.ref_logp - logp)).sum(-1).mean(-1)
+    def _kl_now(self, sequences: int | None = None) -> np.ndarray:
+        logp, ref = self._logp(sequences), self.ref_logp[:sequences]
+        kl = (ref.exp() * (ref - logp)).sum(-1).mean(-1)
         return kl.double().numpy()

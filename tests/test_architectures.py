@@ -556,7 +556,7 @@ def test_every_architecture_runs_the_commands_end_to_end(arch_gguf, tmp_path):
     stats, plan, out = tmp_path / "stats", tmp_path / "plan.json", tmp_path / "out.gguf"
     r = windq("calibrate", path, "--out", stats, "--tokens", "1024", "--ctx", "128", "--judge-chunks", "2", "--fisher-chunks", "1")
     assert r.returncode == 0, r.stderr
-    r = windq("plan", path, "--stats", stats, "--bpw", "5", "--verify-mixes", "Q4_K_M,Q5_K_M,IQ4_XS", "--out", plan)
+    r = windq("plan", path, "--stats", stats, "--bpw", "5", "--verify-mixes", "Q4_K_M,Q5_K_M,IQ4_XS", "--verify-tokens", "256", "--out", plan)
     assert r.returncode == 0, r.stderr
     assert "verified on" in r.stdout and json.loads(plan.read_text())["provenance"]["verified"]["candidates"]
     r = windq("export", path, "--plan", plan, "--imatrix", stats / "imatrix.gguf", "--gguf", out)

@@ -67,9 +67,12 @@ def test_streamed_real_loss_equals_the_whole_model(model):
         whole = RealLoss(model, None, tokens)
         streamed = RealLoss(model, None, tokens, stream=True)
         k_whole, k_streamed = whole.kl_per_sequence(plan), streamed.kl_per_sequence(plan)
+        # PPO measures the first sequences of a bigger judge: the same numbers as the whole judge's
+        first = [whole.kl_per_sequence(plan, 1), streamed.kl_per_sequence(plan, 1)]
         source = streamed.kl({t: model.tensors[t].type_name for t in planned})
     assert k_whole.min() > 1e-4
     assert close(k_streamed, k_whole) < 1e-5
+    assert [len(f) for f in first] == [1, 1] and close(first[0], k_whole[:1]) < 1e-5 and close(first[1], k_whole[:1]) < 1e-5
     assert source == 0.0  # back at the source plan, the streamed model is the reference again
 
 

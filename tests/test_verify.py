@@ -32,6 +32,18 @@ def test_judge_chunks_are_not_the_imatrix_tokens(synthetic_stats):
     assert not any((j == t).all() for j in judge for t in tokens)
 
 
+def test_judge_refuses_more_tokens_than_the_folder_holds(synthetic_stats):
+    from windq.errors import CalibrationError
+    from windq.pipeline.planner import judge_sequences
+
+    judge = load_judge_tokens(synthetic_stats)
+    per = min(256, judge.shape[1])
+    assert judge_sequences(judge, None).shape == judge_sequences(judge, len(judge) * per).shape == (len(judge), per)
+    assert judge_sequences(judge, per + 1).shape == (2, per)  # whole sequences, never a cut one
+    with pytest.raises(CalibrationError, match=f"--judge-chunks {len(judge) + 1}"):
+        judge_sequences(judge, len(judge) * per + 1)  # once silently measured on fewer tokens
+
+
 def test_fisher_covers_every_planned_tensor_in_gguf_orientation(synthetic_gguf, synthetic_stats):
     m = GGUFModel(synthetic_gguf)
     fisher = load_fisher(synthetic_stats)

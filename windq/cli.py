@@ -114,6 +114,10 @@ stream_option = click.option(
     "--stream", is_flag=True,
     help="Run the model in torch one module at a time, its weights read from the GGUF as it runs: the same results in the memory of one layer, for a model whose float32 weights do not fit (dense models; MoE is refused).",
 )  # fmt: skip
+verify_tokens_option = click.option(
+    "--verify-tokens", type=click.IntRange(min=1),
+    help="Held-in judge tokens (sequences of 256) the verification measures on; default every one `windq calibrate` kept (--judge-chunks: 2,048 with its defaults); more is refused.",
+)  # fmt: skip
 
 
 def _progress(desc: str, unit: str = "chunk"):
@@ -186,6 +190,7 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, fisher_chunks: i
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Measure the plan's real KL on held-in judge tokens against the best uniform plan and every llama.cpp mix that fits; keep the best.")
 @click.option("--verify-mixes", help="Comma-separated llama.cpp mixes to verify against (default: all 24 that llama-quantize offers, IQ1_S to Q8_0).")
+@verify_tokens_option
 @click.option("--sample-rows", type=click.IntRange(min=1), help="Build the sensitivity tables from about N rows of every larger tensor (sorted by predicted error, the top ones whole): for big models; default every row.")
 @click.option("--granularity", default="tensor", show_default=True, help="`tensor`, or `chunk:G` (G = 128, 256, 512 columns) projected to one type per tensor for export.")
 @click.option("--types", help="Comma-separated ggml types to allow (default: every legal one).")
@@ -200,7 +205,7 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, fisher_chunks: i
 @threads_option
 @stream_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="plan.json to write; the allocation map goes beside it as .png.")
-def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, verify_mixes, sample_rows, granularity, types, seed, episodes, policy, save_policy, real_loss_tokens, align, threads, stream, out) -> None:
+def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, verify_mixes, verify_tokens, sample_rows, granularity, types, seed, episodes, policy, save_policy, real_loss_tokens, align, threads, stream, out) -> None:
     """Allocate a ggml type to every tensor of MODEL within a bits-per-weight budget.
 
     Needs `windq calibrate MODEL --out STATS` first. Types that cannot be written (row length,
@@ -220,7 +225,8 @@ def plan_cmd(model, stats, bpw, method, objective, exclude_source, verify, verif
     cfg = PlanConfig(
         bpw=bpw, method=method, granularity=granularity, types=allowed, seed=seed, episodes=episodes,
         policy=policy, real_loss_tokens=real_loss_tokens, threads=threads or None, objective=objective,
-        exclude_source=exclude_source, verify=verify, verify_mixes=_mixes(verify_mixes), sample_rows=sample_rows, stream=stream,
+        exclude_source=exclude_source, verify=verify, verify_tokens=verify_tokens, verify_mixes=_mixes(verify_mixes), sample_rows=sample_rows,
+        stream=stream,
     )  # fmt: skip
     bars = {}
 
@@ -349,7 +355,7 @@ def fidelity_cmd(model, stats, budgets, objectives, rivals, tokens, exclude_sour
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Measure the plan against the best uniform plan and llama.cpp's mixes on held-in tokens; keep the best.")
 @click.option("--verify-mixes", help="Comma-separated llama.cpp mixes to verify against (default: all 24 that llama-quantize offers, IQ1_S to Q8_0).")
-@click.option("--verify-tokens", default=2048, show_default=True, help="Held-in judge tokens the verification measures on.")
+@verify_tokens_option
 @click.option("--sample-rows", type=click.IntRange(min=1), help="As `windq plan --sample-rows` (tables from about N rows of each larger tensor).")
 @click.option("--align", "align", type=AlignWidth("auto", "none"), default="auto", show_default=True, help="As `windq plan --align`.")
 @click.option("--save-plan", type=click.Path(dir_okay=False), help="Also write the plan.json.")
