@@ -9,7 +9,7 @@ recorded, and the exponent of cost against parameter count fitted by least squar
 SIZE is WIDTHxLAYERS (ffn 4× the width, 8 heads); the stages are calibrate --stream on --tokens,
 plan at 4.5 bits (tables from --sample-rows rows, knapsack, no verification, no alignment), a
 second plan at 5.0 bits (the tables cached: the knapsack alone), export of the 4.5-bit plan, one
-PPO episode at 4.5 bits (streamed real loss on the judge chunks: the knapsack's KL, the warm
+PPO episode at 4.5 bits (streamed real loss on the 512 judge tokens: the knapsack's KL, the warm
 start, one episode and the policy's plan) and the verification at 5.0 bits against one stock
 mix (Q4_K_M's types from llama.cpp's dry run, then the knapsack, the best uniform plan and the
 mix each measured by the streamed real loss; the full verification tries 24 mixes, each one
@@ -47,7 +47,8 @@ def stages(model: Path, work: Path, tokens: int, sample_rows: int) -> dict[str, 
         "knapsack plan (tables cached)": plan_at("5.0", work / "plan-5.0.json"),  # the first plan's tables, from cache
         "export": w + ["export", str(model), "--plan", str(plan), "--imatrix", str(stats / "imatrix.gguf"),
                        "--gguf", str(work / "out.gguf")],
-        "ppo (one episode)": plan_at("4.5", work / "plan-ppo.json", "--method", "ppo", "--episodes", "1", "--stream"),
+        # the judge is calibrate's 2 chunks of 256 tokens: PPO and the verification measure all 512
+        "ppo (one episode)": plan_at("4.5", work / "plan-ppo.json", "--method", "ppo", "--episodes", "1", "--real-loss-tokens", "512", "--stream"),
         "verify (one mix)": plan_at("5.0", work / "plan-verified.json", "--verify", "--verify-mixes", "Q4_K_M", "--stream"),
     }  # fmt: skip
 

@@ -24,7 +24,7 @@ def rss_anon_mb(pid: int) -> float:
             for line in f:
                 if line.startswith("RssAnon:"):
                     return int(line.split()[1]) / 1024
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # the child has just exited: a reaped pid's status is gone
         pass
     return 0.0
 
