@@ -251,9 +251,10 @@ def run_planner(
         if not judge_cache:
             from windq.pipeline.real_loss import RealLoss
 
+            held = load_judge_tokens(statsdir)
             wanted = ([cfg.verify_tokens] if cfg.verify else []) + ([cfg.real_loss_tokens] if cfg.method == "ppo" else [])
-            n = None if None in wanted else max(wanted)
-            judge_cache.append(RealLoss(model, data, judge_sequences(load_judge_tokens(statsdir), n), stream=cfg.stream))
+            # each request is checked against the folder (more is refused); all start at the first chunk
+            judge_cache.append(RealLoss(model, data, max((judge_sequences(held, n) for n in wanted), key=len), stream=cfg.stream))
         return judge_cache[0]
 
     allocation = METHODS[cfg.method](Job(model, statsdir, tables, prob, tp, data, cfg, policy, bar(cfg.method), judge))

@@ -44,6 +44,16 @@ def test_judge_refuses_more_tokens_than_the_folder_holds(synthetic_stats):
         judge_sequences(judge, len(judge) * per + 1)  # once silently measured on fewer tokens
 
 
+def test_ppo_beside_the_verification_is_refused_more_tokens_than_the_folder_holds(synthetic_gguf, synthetic_stats):
+    """The verification takes every judge token by default; PPO's own request is checked too, not
+    cut to the verification's judge."""
+    from windq.errors import CalibrationError
+
+    held = load_judge_tokens(synthetic_stats).size
+    with pytest.raises(CalibrationError, match=f"{2 * held} judge tokens asked for"):
+        run_planner(GGUFModel(synthetic_gguf), synthetic_stats, PlanConfig(bpw=4.0, method="ppo", episodes=1, verify=True, real_loss_tokens=2 * held))
+
+
 def test_fisher_covers_every_planned_tensor_in_gguf_orientation(synthetic_gguf, synthetic_stats):
     m = GGUFModel(synthetic_gguf)
     fisher = load_fisher(synthetic_stats)
