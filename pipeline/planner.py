@@ -254,7 +254,7 @@ def run_planner(
             held = load_judge_tokens(statsdir)
             wanted = ([cfg.verify_tokens] if cfg.verify else []) + ([cfg.real_loss_tokens] if cfg.method == "ppo" else [])
             # each request is checked against the folder (more is refused); all start at the first chunk
-            judge_cache.append(RealLoss(model, data, max((judge_sequences(held, n) for n in wanted), key=len), stream=cfg.stream))
+            judge_cache.append(RealLoss(model, data, max((judge_sequences(held, n) for n in wanted), key=len), stream=cfg.stream, threads=cfg.threads))
         return judge_cache[0]
 
     allocation = METHODS[cfg.method](Job(model, statsdir, tables, prob, tp, data, cfg, policy, bar(cfg.method), judge))
