@@ -517,6 +517,10 @@ def _build_all(
                     return finish(b, path)
 
                 key = f"{base}|{method}|{budget}|{cfg.ppo_episodes}|{cfg.objective}" + (f"|{policy_sha}" if "policy" in mods else "")
+                if name == "ppo":  # a PPO row from before it collected several episodes per update is not reused
+                    from windq.pipeline.ppo import episodes_per_update
+
+                    key += f"|per-update{episodes_per_update(cfg.ppo_episodes)}"
                 built.append(cached(key, plan_and_export))
     fidelity = []
     for variant in cfg.variants if cfg.fidelity_rivals else ():

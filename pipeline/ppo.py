@@ -280,11 +280,27 @@ class PPOResult:
     episodes: int
 
 
+EPISODES_PER_UPDATE = 4  # episodes collected before each policy update (fewer when fewer are asked for)
+
+
+def episodes_per_update(episodes: int) -> int:
+    return max(1, min(EPISODES_PER_UPDATE, episodes))
+
+
 def make_model(env: AllocationEnv, seed: int, n_steps: int):
+    """sb3's MaskablePPO over `env`, updating after every `n_steps` steps.
+
+    Why several episodes per update: sb3 normalises advantages within each minibatch. With one
+    episode per update, every step of the batch shares the episode-end real-KL term, and the
+    normalisation takes it out again: the policy learnt only the per-step proxy and its greedy
+    plan kept the highest type until the budget forced the last units down (measured on the
+    made-up problem of tests/test_ppo.py: greedy KL 1.306 against the warm start's 1.216, every
+    seed). With 4 episodes per update and sb3's default 10 epochs its greedy plan beat the warm
+    start for seeds 0-3 (0.806)."""
     from sb3_contrib import MaskablePPO
 
     return MaskablePPO(
-        "MlpPolicy", env, seed=seed, n_steps=n_steps, batch_size=min(64, n_steps), n_epochs=4,
+        "MlpPolicy", env, seed=seed, n_steps=n_steps, batch_size=min(64, n_steps), n_epochs=10,
         learning_rate=3e-4, gamma=1.0, gae_lambda=0.95, ent_coef=0.01, verbose=0, device="cpu",
         policy_kwargs={"net_arch": list(NET_ARCH)},
     )  # fmt: skip
@@ -298,7 +314,9 @@ def train(
     warm_start: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ):
-    """Train a MaskablePPO policy on `env`; returns (model, PPOResult)."""
+    """Train a MaskablePPO policy on `env`; returns (model, PPOResult). The policy is updated after
+    every `episodes_per_update(episodes)` episodes, so `episodes` is rounded up to a multiple of
+    that (the result says how many ran)."""
     import torch
     from stable_baselines3.common.callbacks import BaseCallback
 
@@ -306,7 +324,9 @@ def train(
     env.reset(seed=seed)
     expert = knapsack(env.p, env.bpw)
     knap_return, knap_kl = env.episode_return(expert)
-    model = make_model(env, seed, n_steps=env.n_units)
+    per_update = episodes_per_update(episodes)
+    episodes = -(-episodes // per_update) * per_update
+    model = make_model(env, seed, n_steps=per_update * env.n_units)
     if warm_start:
         behaviour_clone(model, env, expert)
     env.best = (knap_return, expert.copy()) if warm_start else None

@@ -195,7 +195,7 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, fisher_chunks: i
 @click.option("--granularity", default="tensor", show_default=True, help="`tensor`, or `chunk:G` (G = 128, 256, 512 columns) projected to one type per tensor for export.")
 @click.option("--types", help="Comma-separated ggml types to allow (default: every legal one).")
 @click.option("--seed", default=0, show_default=True, help="Seed for ppo and random.")
-@click.option("--episodes", default=20, show_default=True, help="PPO training episodes.")
+@click.option("--episodes", default=20, show_default=True, help="PPO training episodes (the policy is updated after every 4, so N is rounded up to a multiple of 4).")
 @click.option("--policy", type=click.Path(dir_okay=False), help="Apply a policy saved by --save-policy instead of training (zero-shot transfer). Read as data: an sb3 zip or any other file is refused.")
 @click.option("--save-policy", type=click.Path(dir_okay=False), help="Where to save the PPO policy: safetensors tensors + a JSON header (POLICY.safetensors).")
 @click.option("--real-loss-tokens", default=1024, show_default=True, help="Held-in judge tokens (sequences of 256) for PPO's episode-end KL (0: none).")
