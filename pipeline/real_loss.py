@@ -123,17 +123,20 @@ class RealLoss:
             return self._weights(tensor, self._types[tensor])
         return self.sm.file_weights(tensor)
 
+    def _copied(self, tensor: str, type_name: str) -> bool:
+        """Planned at its source type: llama.cpp copies the file's bytes, so nothing is quantized."""
+        return registry.get(type_name).id == self.model.tensors[tensor].type_id
+
     def _weights(self, tensor: str, type_name: str) -> np.ndarray:
         info = self.model.tensors[tensor]
-        qt = registry.get(type_name)
         rows = info.n_elements // info.n_per_row
-        if qt.id == info.type_id:
+        if self._copied(tensor, type_name):
             w = ggml.dequantize(info.type_id, self.model.raw(tensor), (rows, info.n_per_row))
         else:
             key = (tensor, type_name)
             if key not in self._bytes:
                 self._bytes.put(key, self._quantize(key))
-            w = ggml.dequantize(qt.id, self._bytes.get(key), (rows, info.n_per_row))
+            w = ggml.dequantize(registry.get(type_name).id, self._bytes.get(key), (rows, info.n_per_row))
         return self._process.process(w, tensor).weights
 
     def _quantize(self, key: tuple[str, str]) -> np.ndarray:
@@ -149,10 +152,9 @@ class RealLoss:
         quantizing one at a time, as its modules run."""
         if self.sm or self.threads < 2:
             return  # _weights quantizes them as it goes
-        todo = [
-            (t, ty) for t, ty in types.items()
-            if registry.get(ty).id != self.model.tensors[t].type_id and (t, ty) not in self._bytes
-        ]  # fmt: skip
+        todo = [(t, ty) for t, ty in types.items() if not self._copied(t, ty) and (t, ty) not in self._bytes]
+        if not todo:
+            return  # every pair cached already (most of a PPO run's episodes)
         todo.sort(key=lambda k: -self.model.tensors[k[0]].n_elements)
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
             jobs = {pool.submit(self._quantize, key): key for key in todo}
