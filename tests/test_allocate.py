@@ -59,6 +59,21 @@ def test_exact_knapsack_equals_brute_force(seed):
     assert p.bytes_of(lag) <= budget and p.error_of(lag) >= p.error_of(choice) - 1e-9
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_bound_keeps_the_optimum_and_a_small_frontier(seed):
+    """Branch and bound drops only states that cannot beat the Lagrangian plan: the same optimum as
+    the plain programme, with a frontier small enough that a limit the plain one overruns holds."""
+    rng = np.random.default_rng(seed)
+    p = random_problem(rng, n_units=120, n_types=6)
+    lo, hi = p.reachable_bpw()
+    budget = p.budget_bytes(lo + rng.uniform(0.3, 0.7) * (hi - lo))
+    plain = solve_exact(p, budget, limit=10**9, bound=False)
+    bounded = solve_exact(p, budget, limit=2_000)
+    assert solve_exact(p, budget, limit=2_000, bound=False) is None  # the plain frontier outgrows it
+    assert bounded is not None and p.bytes_of(bounded) <= budget
+    assert p.error_of(bounded) == pytest.approx(p.error_of(plain), rel=1e-12)
+
+
 def test_knapsack_lands_within_slack_of_target():
     rng = np.random.default_rng(7)
     p = random_problem(rng, n_units=200, n_types=6)
