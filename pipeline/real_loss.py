@@ -21,6 +21,8 @@ from windq import ggml, registry
 from windq.models.gguf_model import GGUFModel
 from windq.pipeline.calibrate import load_torch_model, tensor_params, weight_processor
 
+BATCH_TOKENS = 4096  # judge tokens run through the model at once
+
 
 class SpilledBytes:
     """A write-once cache of byte arrays in an unlinked temporary file (in TMPDIR), read back one
@@ -87,6 +89,7 @@ class RealLoss:
         self.threads = threads or os.cpu_count() or 1
         self.imatrix = dict(imatrix or {})
         self.tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64).reshape(-1, tokens.shape[-1]))
+        self._batch = max(1, BATCH_TOKENS // self.tokens.shape[1])  # sequences a batch, fixed with the reference
         self._bytes = SpilledBytes()
         self._types: dict[str, str] = {}  # the plan a streamed model runs (a tensor absent: its source)
         self._planned = {t.name for t in model.quantizable()}
@@ -100,7 +103,7 @@ class RealLoss:
             self.tm = load_torch_model(model)
             self.params = tensor_params(model, self.tm)
         self._process = weight_processor(model, self.tm)
-        self.ref_logp = self._logp()
+        self.ref_logp = [self._logp(batch) for batch in self._batches(None)]
 
     @property
     def n_tokens(self) -> int:
@@ -110,10 +113,17 @@ class RealLoss:
     def n_sequences(self) -> int:
         return int(self.tokens.shape[0])
 
-    def _logp(self, sequences: int | None = None):
+    def _batches(self, sequences: int | None):
+        """The first `sequences` judge sequences in batches of about BATCH_TOKENS tokens: a batch's
+        logits, log-probabilities and KL terms are each tokens × vocabulary floats (0.8 GB per
+        4,096 tokens of the default's 49,152-token vocabulary), so a judge of 16k tokens run as one
+        batch would hold several GB of them at once."""
+        tokens, step = self.tokens[:sequences], self._batch
+        return [tokens[i : i + step] for i in range(0, len(tokens), step)]
+
+    def _logp(self, tokens):
         import torch
 
-        tokens = self.tokens[:sequences]
         with torch.inference_mode():
             logits = self.sm(tokens).logits if self.sm else self.tm(tokens, use_cache=False).logits
             return torch.log_softmax(logits.float(), dim=-1)
@@ -183,6 +193,11 @@ class RealLoss:
         return self._kl_now(sequences)
 
     def _kl_now(self, sequences: int | None = None) -> np.ndarray:
-        logp, ref = self._logp(sequences), self.ref_logp[:sequences]
-        kl = (ref.exp() * (ref - logp)).sum(-1).mean(-1)
-        return kl.double().numpy()
+        import torch
+
+        out = []
+        for batch, ref in zip(self._batches(sequences), self.ref_logp):
+            logp = self._logp(batch)
+            ref = ref[: len(batch)]  # the last batch of a prefix may be cut short
+            out.append((ref.exp() * (ref - logp)).sum(-1).mean(-1))
+        return torch.cat(out).double().numpy()

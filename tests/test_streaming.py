@@ -76,6 +76,25 @@ def test_streamed_real_loss_equals_the_whole_model(model):
     assert source == 0.0  # back at the source plan, the streamed model is the reference again
 
 
+def test_the_real_loss_in_batches_equals_one_batch(synthetic_gguf, monkeypatch):
+    """A big judge runs in batches of about BATCH_TOKENS tokens (its log-probabilities are tokens ×
+    vocabulary floats): the same KL per sequence as one batch, for the whole judge and a prefix
+    whose last batch is cut short."""
+    import windq.pipeline.real_loss as real_loss
+
+    model = GGUFModel(synthetic_gguf)
+    tokens = np.random.default_rng(2).integers(3, 259, (5, 32))
+    plan = {t.name: ("Q4_0" if i % 2 else "Q8_0") for i, t in enumerate(model.quantizable())}
+    with torch_threads(1):
+        one = RealLoss(model, None, tokens)
+        monkeypatch.setattr(real_loss, "BATCH_TOKENS", 64)  # two sequences a batch
+        batched = RealLoss(model, None, tokens)
+        assert [len(b) for b in batched.ref_logp] == [2, 2, 1]
+        k_one, k_batched, k_prefix = one.kl_per_sequence(plan), batched.kl_per_sequence(plan), batched.kl_per_sequence(plan, 3)
+    assert k_one.min() > 1e-4 and len(k_batched) == 5 and len(k_prefix) == 3
+    assert close(k_batched, k_one) < 1e-5 and close(k_prefix, k_one[:3]) < 1e-5
+
+
 def test_the_real_loss_keeps_its_quantized_bytes_in_a_file_not_in_memory(tmp_path):
     """The cache of quantized bytes is a whole plan or more (a 3B model's is gigabytes): it is written
     to an unlinked file, each entry once, and read back exactly."""
