@@ -567,6 +567,7 @@ def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer, fidelity
     import matplotlib.pyplot as plt
 
     from windq.files import atomic_output, atomic_write_text
+    from windq.pipeline.fidelity import judge_ceiling
 
     ok = [r for r in rows if not r.seconds.get("unreachable")]
     stock = [r for r in ok if r.method.startswith("llama.cpp:")]
@@ -643,16 +644,17 @@ def _report(cfg: BenchConfig, out: Path, rows: list[Row], timer: Timer, fidelity
     if fidelity:
         lines += ["", f"Fidelity (`windq fidelity`, objective `{cfg.objective}`): the knapsack's optimum and {cfg.fidelity_rivals} near-optimal "
                   "rivals measured by the real KL on the held-in judge tokens; Spearman between predicted and real, the judge's "
-                  "split-half agreement (its own noise floor), the optimum's rank and how far the worst plan is above the best.", "",
-                  "| variant | source type | budget | plans | Spearman | judge split-half | optimum's rank | worst ÷ best − 1 |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+                  "split-half agreement (its own noise floor), the judge's ceiling (about the Spearman a perfect objective could reach "
+                  "on these tokens, √(2r/(1+r)) for split-half r), the optimum's rank and how far the worst plan is above the best.", "",
+                  "| variant | source type | budget | plans | Spearman | judge split-half | judge ceiling | optimum's rank | worst ÷ best − 1 |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for f in sorted(fidelity, key=lambda f: (f["variant"], f["excluded"], f["budget"])):
             src_type = "excluded" if f["excluded"] else "allowed"
             if f.get("unreachable"):
-                lines.append(f"| {f['variant']} | {src_type} | {f['budget']:g} | unreachable | | | | |")
+                lines.append(f"| {f['variant']} | {src_type} | {f['budget']:g} | unreachable | | | | | |")
                 continue
             lines.append(f"| {f['variant']} | {src_type} | {f['budget']:g} | {f['plans']} | {f['spearman']:.2f} | {f['split_half']:.2f} "
-                         f"| {f['optimum_rank']} | {100 * f['spread']:.1f} % |")  # fmt: skip
+                         f"| {judge_ceiling(f['split_half']):.2f} | {f['optimum_rank']} | {100 * f['spread']:.1f} % |")  # fmt: skip
 
     # size at equal PPL: windq's best plan at each budget against llama.cpp's best mixes
     lines += ["", "| budget | windq best (variant, method) | size (MB) | PPL | llama.cpp size at that PPL (MB) | ratio |", "|---:|---|---:|---:|---:|---:|"]

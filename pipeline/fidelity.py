@@ -40,9 +40,24 @@ class FidelityResult:
         return float("nan") if self.halves is None else spearman(self.halves[:, 0], self.halves[:, 1])
 
     @property
+    def judge_ceiling(self) -> float:
+        return judge_ceiling(self.judge_split_half)
+
+    @property
     def optimum_rank(self) -> int:
         """1 when the objective's optimum also has the lowest real KL of the plans measured."""
         return int(np.sum(self.real < self.real[0])) + 1
+
+
+def judge_ceiling(split_half: float) -> float:
+    """About the Spearman an objective that ranked the plans perfectly could reach against a judge
+    whose split-half agreement is r: √(2r ÷ (1 + r)). Why: each half is half the judge, so the whole
+    judge's reliability is 2r ÷ (1 + r) (Spearman–Brown), and a measure correlates with the truth it
+    measures by at most the square root of its reliability (the attenuation bound of classical test
+    theory). Both are stated for Pearson correlations; for the ranks of 11 plans this is an
+    estimate, not a bound."""
+    r = split_half
+    return float("nan") if np.isnan(r) else (float(np.sqrt(2 * r / (1 + r))) if r > 0 else 0.0)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -21,7 +21,7 @@ def test_quick_bench_runs_end_to_end_and_resumes(synthetic_gguf, tmp_path):
     assert set(fid) == {(v, e) for v in ("unaligned", "aligned") for e in (False, True)}
     for f in fid.values():
         assert f["plans"] == 3 and -1 <= f["spearman"] <= 1 and f["optimum_rank"] >= 1
-    assert "Fidelity (`windq fidelity`" in (tmp_path / "bench.md").read_text()
+    assert "Fidelity (`windq fidelity`" in (tmp_path / "bench.md").read_text() and "| judge ceiling |" in (tmp_path / "bench.md").read_text()
     # a rerun reads every result from the cache instead of recomputing it
     def cache():
         return {p.name: p.stat().st_mtime_ns for d in ("results", "evals", "gguf") for p in (tmp_path / d).iterdir()}

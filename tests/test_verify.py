@@ -93,6 +93,7 @@ def test_fidelity_command_measures_the_optimum_and_its_rivals(synthetic_gguf, sy
         assert row["predicted"][0] == min(row["predicted"])  # the first plan is the objective's optimum
         assert max(row["bits"]) <= row["bpw"] + 1e-9
         assert -1 <= row["judge_split_half"] <= 1 and row["tokens"] == 512  # two sequences: one per half
+        assert 0 <= row["judge_ceiling"] <= 1
     assert_one_line_error(windq("fidelity", synthetic_gguf, "--stats", synthetic_stats, "--bpw", "5", "--objective", "mse"), "mse")
 
 
@@ -120,6 +121,11 @@ def test_fidelity_judge_split_half_compares_the_judge_with_itself(monkeypatch):
     agree = {"0": [1.0, 1.0, 2.0, 2.0], "1": [2.0, 2.0, 3.0, 3.0], "2": [3.0, 3.0, 4.0, 4.0]}
     r = fidelity.measure(p, 4.0, lambda types: np.array(agree[types["t"]]), rivals=2)
     assert r.real.tolist() == [1.5, 2.5, 3.5] and r.judge_split_half == pytest.approx(1.0) and r.spearman == pytest.approx(1.0)
+    assert r.judge_ceiling == pytest.approx(1.0)
     disagree = {"0": [1.0, 3.0], "1": [2.0, 2.0], "2": [3.0, 1.0]}
     r = fidelity.measure(p, 4.0, lambda types: np.array(disagree[types["t"]]), rivals=2)
-    assert r.judge_split_half == pytest.approx(-1.0)
+    assert r.judge_split_half == pytest.approx(-1.0) and r.judge_ceiling == 0.0
+    # halves that half agree (Spearman 0.5): a whole judge of reliability 2/3, a ceiling of √(2/3)
+    partly = {"0": [1.0, 1.0], "1": [2.0, 3.0], "2": [3.0, 2.0]}
+    r = fidelity.measure(p, 4.0, lambda types: np.array(partly[types["t"]]), rivals=2)
+    assert r.judge_split_half == pytest.approx(0.5) and r.judge_ceiling == pytest.approx((2 / 3) ** 0.5)

@@ -298,7 +298,8 @@ def fidelity_cmd(model, stats, budgets, objectives, rivals, tokens, exclude_sour
     correlation between the objective and the real KL (1: the knapsack orders these plans as the
     model does), where the optimum ranks among them (1: it is also the real best), and the judge's
     split-half agreement: the same Spearman between the plans' KL on either half of the judge's
-    sequences, the noise floor of any ranking on these tokens.
+    sequences, the noise floor of any ranking on these tokens, and the judge's ceiling, about the
+    Spearman a perfect objective could reach on them (√(2r/(1+r)) for split-half r).
     """
     from windq.errors import InputError
     from windq.models.gguf_model import GGUFModel
@@ -331,12 +332,12 @@ def fidelity_cmd(model, stats, budgets, objectives, rivals, tokens, exclude_sour
         click.echo(json.dumps([{
             "bpw": r.bpw, "objective": r.objective, "spearman": r.spearman, "optimum_rank": r.optimum_rank, "plans": len(r.real),
             "tokens": r.tokens, "real_kl": r.real.tolist(), "predicted": r.predicted.tolist(), "bits": r.bits.tolist(),
-            "judge_split_half": r.judge_split_half,
+            "judge_split_half": r.judge_split_half, "judge_ceiling": r.judge_ceiling,
         } for r in rows], indent=2))  # fmt: skip
         return
-    click.echo(f"{'bpw':>5}  {'objective':9}  {'spearman':>8}  {'optimum rank':>12}  {'optimum KL':>10}  {'best KL':>9}  plans  tokens  judge split-half")
+    click.echo(f"{'bpw':>5}  {'objective':9}  {'spearman':>8}  {'optimum rank':>12}  {'optimum KL':>10}  {'best KL':>9}  plans  tokens  judge split-half  judge ceiling")
     for r in rows:
-        click.echo(f"{r.bpw:5.2f}  {r.objective:9}  {r.spearman:8.3f}  {r.optimum_rank:>6} of {len(r.real):<3}  {r.real[0]:10.5f}  {r.real.min():9.5f}  {len(r.real):5}  {r.tokens:6}  {r.judge_split_half:16.3f}")
+        click.echo(f"{r.bpw:5.2f}  {r.objective:9}  {r.spearman:8.3f}  {r.optimum_rank:>6} of {len(r.real):<3}  {r.real[0]:10.5f}  {r.real.min():9.5f}  {len(r.real):5}  {r.tokens:6}  {r.judge_split_half:16.3f}  {r.judge_ceiling:13.3f}")
 
 
 @main.command("quantize", epilog=EPILOG_MODEL)
