@@ -133,9 +133,10 @@ def solve_exact(p: Problem, budget: int, limit: int = EXACT_FRONTIER_LIMIT, *, b
     tail = p.min_rest()  # so no state that cannot finish is kept
     if p.reachable_bytes()[0] > budget:
         return None
-    lam = byte_price(p, budget) if bound else 0.0
-    upper = p.error_of(greedy_fill(p, _lagrange_choice(p, lam), budget)) if bound else np.inf
-    priced = np.array([float(np.min(u.error + lam * u.nbytes)) for u in p.units])
+    relaxed = _Priced(p)
+    lam = relaxed.price(budget) if bound else 0.0
+    upper = p.error_of(greedy_fill(p, relaxed.choice(lam), budget)) if bound else np.inf
+    priced = relaxed.floor(lam)
     rest_priced = np.concatenate([np.cumsum(priced[::-1])[::-1][1:], [0.0]])  # [i]: units after i
     tolerance = 1e-9 * (abs(upper) + 1.0)  # rounding in sums taken in another order
     B = np.zeros(1, dtype=np.int64)
@@ -172,12 +173,14 @@ def solve_exact(p: Problem, budget: int, limit: int = EXACT_FRONTIER_LIMIT, *, b
 
 
 class _Priced:
-    """The problem as padded (unit × option) arrays, so a price of a byte is tried in one numpy call
-    (a loop over units was 0.2 s of the knapsack's 0.26 s on the default model)."""
+    """The Lagrangian relaxation: each unit's option of least error + λ·bytes for a price λ of a
+    byte. The problem is held as padded (unit × option) arrays, so a price is tried in one numpy
+    call (a loop over units was 0.2 s of the knapsack's 0.26 s on the default model)."""
 
     def __init__(self, p: Problem):
         width = max((len(u.nbytes) for u in p.units), default=1)
         self.fixed = p.fixed_bytes
+        self.cheapest = p.reachable_bytes()[0]
         self.nbytes = np.zeros((len(p.units), width), dtype=np.int64)
         self.error = np.full((len(p.units), width), np.inf)  # padding is never the cheapest priced option
         for i, u in enumerate(p.units):
@@ -188,36 +191,35 @@ class _Priced:
     def choice(self, lam: float) -> np.ndarray:
         return np.argmin(self.error + lam * self.nbytes, axis=1)
 
+    def floor(self, lam: float) -> np.ndarray:
+        """Each unit's least error + λ·bytes."""
+        return np.min(self.error + lam * self.nbytes, axis=1)
+
     def bytes_of(self, choice: np.ndarray) -> int:
         return self.fixed + int(self.nbytes[self.rows, choice].sum())
 
-
-def byte_price(p: Problem, budget: int) -> float:
-    """The smallest price of a byte (bisected) at which every unit's cheapest priced option fits."""
-    if p.reachable_bytes()[0] > budget:
-        raise BudgetError("budget below the cheapest plan")
-    priced = _Priced(p)
-    lo, hi = 0.0, 1.0
-    while priced.bytes_of(priced.choice(hi)) > budget:
-        hi *= 4
-        if hi > 1e30:  # errors so large no price of a byte outweighs them (non-finite tables)
-            raise PlanError("the Lagrangian search found no price of a byte that meets the budget; the error tables hold non-finite values")
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if priced.bytes_of(priced.choice(mid)) > budget:
-            lo = mid
-        else:
-            hi = mid
-    return hi  # hi always fits
-
-
-def _lagrange_choice(p: Problem, lam: float) -> np.ndarray:
-    return _Priced(p).choice(lam)
+    def price(self, budget: int) -> float:
+        """The smallest price of a byte (bisected) at which the relaxed choice fits the budget."""
+        if self.cheapest > budget:
+            raise BudgetError("budget below the cheapest plan")
+        lo, hi = 0.0, 1.0
+        while self.bytes_of(self.choice(hi)) > budget:
+            hi *= 4
+            if hi > 1e30:  # errors so large no price of a byte outweighs them (non-finite tables)
+                raise PlanError("the Lagrangian search found no price of a byte that meets the budget; the error tables hold non-finite values")
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            if self.bytes_of(self.choice(mid)) > budget:
+                lo = mid
+            else:
+                hi = mid
+        return hi  # hi always fits
 
 
 def solve_lagrangian(p: Problem, budget: int) -> np.ndarray:
     """Bisect the price of a byte until the relaxed choice fits, then spend the slack greedily."""
-    return greedy_fill(p, _lagrange_choice(p, byte_price(p, budget)), budget)
+    relaxed = _Priced(p)
+    return greedy_fill(p, relaxed.choice(relaxed.price(budget)), budget)
 
 
 def greedy_fill(p: Problem, choice: np.ndarray, budget: int, *, allow_zero_gain: bool = False) -> np.ndarray:
