@@ -161,6 +161,10 @@ def run(
     im = load_imatrix(statsdir / CalibrationFiles.IMATRIX, model)
     bar = (lambda stage: (lambda d, t: progress(stage, d, t))) if progress else (lambda stage: None)
     tables = load_tables(model, statsdir, im.data, im.sha256(), threads=threads, progress=bar("tables"))
+    if "kl-fit" in objectives:
+        from windq.pipeline import kl_fit
+
+        tables = kl_fit.load_or_fit(model, statsdir, tables, im.data, threads=threads, progress=bar("kl-fit"))
     allowed = allowed_types(model, tables, PlanConfig(bpw=0.0, exclude_source=exclude_source))
     problems = {o: allocate.build_problem(model, tables, allowed=allowed, objective=o) for o in objectives}
     reachable = []

@@ -31,7 +31,8 @@ class PlanConfig:
     policy: str | None = None  # apply a saved policy instead of training
     real_loss_tokens: int = 1024  # judge tokens for the PPO episode-end KL, over several sequences (0: none)
     threads: int | None = None
-    # what the allocator minimises: "kl" (Fisher-predicted real loss) or "proxy" (imatrix-weighted
+    # what the allocator minimises: "kl" (Fisher-predicted real loss), "kl-fit" (the same scaled per
+    # tensor to its measured real loss, kl_fit.py) or "proxy" (imatrix-weighted
     # squared error, as llama.cpp's tools). `windq fidelity` on the default model: kl's optimum had
     # the lowest real KL of 11 near-optimal plans at 4.6, 5.0 and 5.5 bits, proxy's did not (README)
     objective: str = "kl"
@@ -239,6 +240,10 @@ def run_planner(
     tables = load_tables(
         model, statsdir, data, im.sha256(), group=group or 256, threads=cfg.threads, progress=bar("tables"), sample_rows=cfg.sample_rows
     )
+    if cfg.objective == "kl-fit":
+        from windq.pipeline import kl_fit
+
+        tables = kl_fit.load_or_fit(model, statsdir, tables, data, threads=cfg.threads, progress=bar("kl-fit"))
     allowed = allowed_types(model, tables, cfg)
     tp = allocate.build_problem(model, tables, granularity="tensor", allowed=allowed, objective=cfg.objective)
     budget = tp.check_budget(cfg.bpw)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Hashable, Mapping
+from typing import Callable, Hashable, Mapping
 
 import numpy as np
 
@@ -93,6 +93,7 @@ class RealLoss:
         self._bytes = SpilledBytes()
         self._types: dict[str, str] = {}  # the plan a streamed model runs (a tensor absent: its source)
         self._planned = {t.name for t in model.quantizable()}
+        self._changed: set[str] = set()  # tensors whose torch weights a plan has overwritten
         if stream:
             from windq.pipeline.streaming import StreamedModel
 
@@ -137,10 +138,11 @@ class RealLoss:
         """Planned at its source type: llama.cpp copies the file's bytes, so nothing is quantized."""
         return registry.get(type_name).id == self.model.tensors[tensor].type_id
 
-    def _weights(self, tensor: str, type_name: str) -> np.ndarray:
+    def _weights(self, tensor: str, type_name: str | None) -> np.ndarray:
+        """The torch weight of `tensor` planned as `type_name` (None: its source, as the file holds it)."""
         info = self.model.tensors[tensor]
         rows = info.n_elements // info.n_per_row
-        if self._copied(tensor, type_name):
+        if type_name is None or self._copied(tensor, type_name):
             w = ggml.dequantize(info.type_id, self.model.raw(tensor), (rows, info.n_per_row))
         else:
             key = (tensor, type_name)
@@ -186,11 +188,39 @@ class RealLoss:
             self._types.update(types)
             return self._kl_now(sequences)
         self._quantize_new(types)
+        self._write(types)
+        return self._kl_now(sequences)
+
+    def _write(self, types: Mapping[str, str | None]) -> None:
+        import torch
+
         with torch.no_grad():
             for tensor, type_name in types.items():
                 slot = self.params[tensor]
                 slot.of(slot.param).copy_(torch.from_numpy(self._weights(tensor, type_name)).view(slot.shape))
-        return self._kl_now(sequences)
+        self._changed.update(types)
+
+    def reset(self) -> None:
+        """Every tensor back to the source's weights, as the judge was built."""
+        if self.sm:
+            self._types.clear()
+            return
+        self._write(dict.fromkeys(self._changed))
+        self._changed.clear()
+
+    def kl_alone(
+        self, pairs: list[tuple[str, str]], sequences: int | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> np.ndarray:
+        """For each (tensor, type): the KL of the source with only that tensor quantized to that
+        type, every other tensor as the file holds it. The judge is left at the source."""
+        self.reset()
+        out = np.empty(len(pairs))
+        for i, (tensor, type_name) in enumerate(pairs):
+            out[i] = self.kl({tensor: type_name}, sequences)
+            self.reset()
+            if progress:
+                progress(i + 1, len(pairs))
+        return out
 
     def _kl_now(self, sequences: int | None = None) -> np.ndarray:
         import torch

@@ -71,16 +71,22 @@ class TensorTable:
     error: np.ndarray  # [n_types, n_chunks] activation-weighted squared error (the imatrix proxy)
     nbytes: np.ndarray  # [n_types, n_chunks] exact bytes of the chunk in the type
     kl: np.ndarray | None = None  # [n_types, n_chunks] predicted KL increase per token, nats
+    kl_fit: np.ndarray | None = None  # `kl` scaled per tensor to its measured real loss (kl_fit.py); not cached here
 
     def objective(self, name: str) -> np.ndarray:
-        """The per-chunk error an allocator minimises: `kl` (predicted real loss) or `proxy`."""
+        """The per-chunk error an allocator minimises: `kl` (predicted real loss), `kl-fit` (the
+        same, fitted per tensor to the measured real loss) or `proxy`."""
         if name == "proxy":
             return self.error
+        if name == "kl-fit":
+            if self.kl_fit is None:
+                raise ValueError(f"{self.name}: the fitted KL is made by kl_fit.load_or_fit, not read from the tables' cache")
+            return self.kl_fit
         if name == "kl":
             if self.kl is None:
                 raise InputError(f"{self.name}: these tables hold no predicted KL (no Fisher in the calibration); use --objective proxy")
             return self.kl
-        raise InputError(f"--objective {name}: use kl or proxy")
+        raise InputError(f"--objective {name}: use kl, kl-fit or proxy")
 
     @property
     def chunk_legal(self) -> np.ndarray:

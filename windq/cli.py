@@ -21,6 +21,7 @@ from windq.pipeline.planner import METHODS
 
 EPILOG_MODEL = "MODEL is a GGUF file, `default` (SmolLM2-135M-Instruct, embedded), or a hub repo id when online."
 TEXT_HELP = "`wiki` (embedded Wikipedia leads; the held-out split for eval), a UTF-8 text file, or hf:DATASET[:CONFIG] when online."
+OBJECTIVES = ("kl", "kl-fit", "proxy")  # what the planner minimises (pipeline/planner.py PlanConfig.objective)
 
 
 class _Group(click.Group):
@@ -184,8 +185,10 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, fisher_chunks: i
 @click.option("--bpw", required=True, type=float, help="Budget: bits per weight over the whole file (every tensor's bytes).")
 @click.option("--method", type=click.Choice(list(METHODS)), default="knapsack", show_default=True,
               help="knapsack: optimum of the --objective; ppo: MaskablePPO warm-started from it; uniform/random: baselines.")
-@click.option("--objective", type=click.Choice(["kl", "proxy"]), default="kl", show_default=True,
-              help="kl: the Fisher-predicted KL increase; proxy: llama.cpp-style imatrix-weighted squared error (ranks plans worse: `windq fidelity`).")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="kl", show_default=True,
+              help="kl: the Fisher-predicted KL increase; kl-fit: the same, scaled per tensor to the real KL it causes alone "
+              "(one forward pass of 512 calibration tokens per tensor, cached); proxy: llama.cpp-style imatrix-weighted squared error "
+              "(ranks plans worse: `windq fidelity`).")
 @click.option("--exclude-source", is_flag=True, help="Never plan a tensor in its source type (llama.cpp copies those error-free: a gift a user quantising from F16 does not get).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Measure the plan's real KL on held-in judge tokens against the best uniform plan and every llama.cpp mix that fits; keep the best.")
@@ -282,7 +285,7 @@ def _echo_alignment(planned) -> None:
 @click.argument("model")
 @click.option("--stats", required=True, type=click.Path(file_okay=False), help="Folder from `windq calibrate` (its judge chunks are the held-in tokens measured on).")
 @click.option("--bpw", "budgets", required=True, help="Comma-separated bits-per-weight budgets, e.g. 4.6,5.0,5.5.")
-@click.option("--objective", "objectives", default="kl,proxy", show_default=True, help="Comma-separated objectives to judge (kl, proxy).")
+@click.option("--objective", "objectives", default="kl,proxy", show_default=True, help="Comma-separated objectives to judge (kl, kl-fit, proxy).")
 @click.option("--rivals", default=10, show_default=True, help="Near-optimal rival plans per budget (the objective's optimum with each tensor's errors scaled by log-normal noise).")
 @click.option("--tokens", default=2048, show_default=True, help="Held-in judge tokens (sequences of 256) each plan's real KL is measured on.")
 @click.option("--exclude-source", is_flag=True, help="Plan without the source type, as for a model quantised from F16.")
@@ -313,8 +316,8 @@ def fidelity_cmd(model, stats, budgets, objectives, rivals, tokens, exclude_sour
         raise InputError(f"--bpw {budgets}: comma-separated numbers, e.g. 4.6,5.0") from None
     objs = [o.strip() for o in objectives.split(",")]
     for o in objs:
-        if o not in ("kl", "proxy"):
-            raise InputError(f"--objective {o}: use kl or proxy")
+        if o not in OBJECTIVES:
+            raise InputError(f"--objective {o}: use one of {', '.join(OBJECTIVES)}")
     if rivals < 2 or tokens < 256:
         raise InputError("--rivals must be at least 2 and --tokens at least 256")
     check_calibration_folder(stats)
@@ -350,7 +353,7 @@ def fidelity_cmd(model, stats, budgets, objectives, rivals, tokens, exclude_sour
 @click.option("--stats", type=click.Path(file_okay=False), help="Use this folder from `windq calibrate` instead of the cache.")
 @click.option("--cache", type=click.Path(file_okay=False), help="Where calibrations are kept, keyed by model, text and settings (default: ~/.cache/windq/calibrations).")
 @click.option("--method", type=click.Choice(list(METHODS)), default="knapsack", show_default=True, help="As `windq plan --method`.")
-@click.option("--objective", type=click.Choice(["kl", "proxy"]), default="kl", show_default=True, help="As `windq plan --objective`.")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="kl", show_default=True, help="As `windq plan --objective`.")
 @click.option("--types", help="Comma-separated ggml types to allow (default: every legal one).")
 @click.option("--exclude-source", is_flag=True, help="Never plan a tensor in its source type.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
