@@ -19,8 +19,12 @@ from windq.pipeline.sensitivity import TensorTable
 
 
 @pytest.fixture()
-def stats(synthetic_stats, tmp_path):
-    """A copy of the session's calibration folder: the fit writes its cache into it."""
+def stats(synthetic_gguf, synthetic_stats, tmp_path):
+    """A copy of the session's calibration folder, whose tables the other planner tests share (built
+    there first if none has yet): the fit writes its cache into the copy."""
+    model = GGUFModel(synthetic_gguf)
+    im = load_imatrix(synthetic_stats / CalibrationFiles.IMATRIX, model)
+    load_tables(model, synthetic_stats, im.data, im.sha256())
     return shutil.copytree(synthetic_stats, tmp_path / "stats")
 
 
@@ -29,7 +33,7 @@ def test_kl_alone_measures_each_tensor_with_every_other_at_the_source(synthetic_
     held before: the same KL a fresh judge gives that one tensor, and the judge left at the source."""
     model = GGUFModel(synthetic_gguf)
     tokens = np.random.default_rng(0).integers(3, 259, (2, 32))
-    names = [t.name for t in model.quantizable()][:3]
+    names = [t.name for t in model.quantizable()][:2]
     judge = RealLoss(model, None, tokens)
     judge.kl({t.name: "Q4_0" for t in model.quantizable()})  # a whole plan written first
     alone = judge.kl_alone([(n, "Q4_0") for n in names])
@@ -63,12 +67,14 @@ def test_the_fitted_kl_at_the_probe_is_the_real_kl_the_tensor_causes_alone(synth
     tokens = kl_fit.fit_tokens(load_tokens(stats))
     assert tokens.shape == (2, 128)
     judge = RealLoss(model, im.data, tokens)
-    scales = []
-    for name, t in fitted.tensors.items():
+    names = list(fitted.tensors)
+    for name in names[:: max(1, len(names) // 3)]:  # the first, a middle and a last one, measured again
+        t = fitted.tensors[name]
         probe = kl_fit.probe_type(t, model.source_type(name))
-        k = t.types.index(probe)
         judge.reset()
-        assert t.kl_fit[k].sum() == pytest.approx(judge.kl({name: probe}), rel=1e-6)
+        assert t.kl_fit[t.types.index(probe)].sum() == pytest.approx(judge.kl({name: probe}), rel=1e-6)
+    scales = []
+    for t in fitted.tensors.values():
         scale = t.kl_fit.sum() / t.kl.sum()
         np.testing.assert_allclose(t.kl_fit, t.kl * scale, rtol=1e-9)
         scales.append(scale)
