@@ -187,7 +187,7 @@ def calibrate_cmd(model: str, text: str, tokens: int, ctx: int, fisher_chunks: i
               help="knapsack: optimum of the --objective; ppo: MaskablePPO warm-started from it; uniform/random: baselines.")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="kl", show_default=True,
               help="kl: the Fisher-predicted KL increase; kl-fit: the same, scaled per tensor to the real KL it causes alone "
-              "(one forward pass of 512 calibration tokens per tensor, cached); proxy: llama.cpp-style imatrix-weighted squared error "
+              "(one forward pass of 512 calibration tokens per tensor, cached; measured no better than kl, README); proxy: llama.cpp-style imatrix-weighted squared error "
               "(ranks plans worse: `windq fidelity`).")
 @click.option("--exclude-source", is_flag=True, help="Never plan a tensor in its source type (llama.cpp copies those error-free: a gift a user quantising from F16 does not get).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
