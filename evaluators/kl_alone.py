@@ -9,7 +9,7 @@ beside the tables' prediction. Then the predicted-KL knapsack's optimum at each 
 whole. Q4_1-style source types are left out, as `--exclude-source`. What it answers: whether a
 per-tensor scale would correct the prediction (does real ÷ predicted vary across tensors more than
 across a tensor's types?), and how far a plan's real KL is from the sum of its tensors' predictions
-(interactions). The objective `kl-fit` (pipeline/kl_fit.py) came out of it.
+(interactions; with --sum-alone, against the sum of its tensors' real KL alone). The objective `kl-fit` (pipeline/kl_fit.py) came out of it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def summarize(rows: list[dict]) -> dict:
     for r in rows:
         by.setdefault(r["tensor"], []).append(np.log(r["real"] / r["predicted"]) if r["predicted"] > 0 and r["real"] > 0 else np.nan)
     lr = np.array([v for v in by.values() if len(v) == 3])
+    if not len(lr):
+        return {}
     return {
         "real_over_predicted": {q: float(np.exp(f(lr))) for q, f in (("min", np.nanmin), ("median", np.nanmedian), ("max", np.nanmax))},
         "log_ratio_sd_low_type": {"raw": float(np.nanstd(lr[:, 0])), "scaled_by_middle": float(np.nanstd(lr[:, 0] - lr[:, 1]))},
@@ -41,8 +43,9 @@ def summarize(rows: list[dict]) -> dict:
 @click.option("--tensors", default=30, show_default=True, help="Tensors sampled (seeded).")
 @click.option("--tokens", default=1024, show_default=True, help="Judge tokens measured on.")
 @click.option("--bpw", "budgets", default="3.0,3.5,4.0", show_default=True, help="Budgets whose knapsack optimum is measured whole.")
+@click.option("--sum-alone", is_flag=True, help="Also measure every tensor of each optimum alone at its planned type and sum them (one forward pass per tensor).")
 @click.option("--seed", default=0, show_default=True)
-def main(model, stats, align, tensors, tokens, budgets, seed) -> None:
+def main(model, stats, align, tensors, tokens, budgets, sum_alone, seed) -> None:
     from windq.errors import BudgetError
     from windq.keys import CalibrationFiles
     from windq.models.gguf_model import GGUFModel
@@ -78,8 +81,11 @@ def main(model, stats, align, tensors, tokens, budgets, seed) -> None:
             choice = allocate.knapsack(p, b)
         except BudgetError:
             continue
-        plans[b] = {"predicted": p.error_of(choice), "real": judge.kl(allocate.tensor_types(p, choice))}
+        types = allocate.tensor_types(p, choice)
+        plans[b] = {"predicted": p.error_of(choice), "real": judge.kl(types)}
         judge.reset()
+        if sum_alone:  # the plan's tensors one at a time: what an additive model of the real KL would say
+            plans[b]["sum_of_real_alone"] = float(judge.kl_alone(list(types.items())).sum())
 
     summary = summarize(rows)
     click.echo(json.dumps({"tokens": judge.n_tokens, "summary": summary, "plans": plans, "rows": rows}, indent=1))

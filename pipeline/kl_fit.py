@@ -84,14 +84,16 @@ def fit(
     tokens: np.ndarray,
     *,
     threads: int | None = None,
+    stream: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, TensorFit]:
-    """Every tensor of the tables measured alone at its probe type on `tokens` (sequences × length)."""
+    """Every tensor of the tables measured alone at its probe type on `tokens` (sequences × length);
+    with `stream`, one module's weights in memory at a time (RealLoss)."""
     from windq.pipeline.real_loss import RealLoss
 
     probes = {n: probe_type(t, model.source_type(n)) for n, t in tables.tensors.items()}
     pairs = [(n, p) for n, p in probes.items() if p is not None]
-    judge = RealLoss(model, imatrix, tokens, threads=threads)
+    judge = RealLoss(model, imatrix, tokens, threads=threads, stream=stream)
     measured = judge.kl_alone(pairs, progress=progress)
     out = {}
     for (n, p), m in zip(pairs, measured):
@@ -130,6 +132,7 @@ def load_or_fit(
     imatrix: Mapping[str, np.ndarray] | None,
     *,
     threads: int | None = None,
+    stream: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Tables:
     """`tables` with the fitted KL, measured on the calibration folder's tokens or read from its cache."""
@@ -140,7 +143,7 @@ def load_or_fit(
     if path.is_file():
         fits = {n: TensorFit(**f) for n, f in json.loads(path.read_text())["tensors"].items()}
     else:
-        fits = fit(model, tables, imatrix, tokens, threads=threads, progress=progress)
+        fits = fit(model, tables, imatrix, tokens, threads=threads, stream=stream, progress=progress)
         body = {
             "version": FIT_VERSION, "probe_bpw": PROBE_BPW, "tokens": int(tokens.size),
             "tensors": {n: {**dataclasses.asdict(f)} for n, f in fits.items()},

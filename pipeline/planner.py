@@ -243,7 +243,7 @@ def run_planner(
     if cfg.objective == "kl-fit":
         from windq.pipeline import kl_fit
 
-        tables = kl_fit.load_or_fit(model, statsdir, tables, data, threads=cfg.threads, progress=bar("kl-fit"))
+        tables = kl_fit.load_or_fit(model, statsdir, tables, data, threads=cfg.threads, stream=cfg.stream, progress=bar("kl-fit"))
     allowed = allowed_types(model, tables, cfg)
     tp = allocate.build_problem(model, tables, granularity="tensor", allowed=allowed, objective=cfg.objective)
     budget = tp.check_budget(cfg.bpw)

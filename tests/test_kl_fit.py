@@ -41,6 +41,10 @@ def test_kl_alone_measures_each_tensor_with_every_other_at_the_source(synthetic_
     fresh = [RealLoss(model, None, tokens).kl({n: "Q4_0"}) for n in names]
     np.testing.assert_allclose(alone, fresh, rtol=1e-9)
     assert alone.min() > 1e-4
+    streamed = RealLoss(model, None, tokens, stream=True)  # one module's weights at a time: the same
+    streamed.kl({t.name: "Q4_0" for t in model.quantizable()})
+    np.testing.assert_allclose(streamed.kl_alone([(n, "Q4_0") for n in names]), alone, rtol=1e-5)
+    assert streamed.kl({}) == 0.0
 
 
 def test_probe_is_the_legal_type_nearest_the_probe_bits_that_has_an_error():
