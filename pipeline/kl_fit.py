@@ -36,7 +36,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from windq.errors import InputError
+from windq.errors import CalibrationError, InputError
 from windq.files import atomic_output
 from windq.models.gguf_model import GGUFModel
 from windq.pipeline.sensitivity import Tables, TensorTable
@@ -146,12 +146,15 @@ def load_or_fit(
     tokens = fit_tokens(load_tokens(statsdir))
     path = cache_path(statsdir, tables, tokens)
     if path.is_file():
-        fits = {n: TensorFit(**f) for n, f in json.loads(path.read_text())["tensors"].items()}
+        try:  # a calibration folder may have been handed over: its cache is read as data, and checked
+            fits = {n: TensorFit(str(f["probe"]), float(f["predicted"]), float(f["measured"])) for n, f in json.loads(path.read_text())["tensors"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CalibrationError(f"{path}: not a kl-fit cache windq wrote ({type(e).__name__}); delete it to measure the fit again") from None
     else:
         fits = fit(model, tables, imatrix, tokens, threads=threads, stream=stream, progress=progress)
         body = {
             "version": FIT_VERSION, "probe_bpw": PROBE_BPW, "tokens": int(tokens.size),
-            "tensors": {n: {**dataclasses.asdict(f)} for n, f in fits.items()},
+            "tensors": {n: dataclasses.asdict(f) for n, f in fits.items()},
         }  # fmt: skip
         with atomic_output(path) as tmp:
             Path(tmp).write_text(json.dumps(body, indent=1))

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from windq.errors import CalibrationError
 from windq.keys import CalibrationFiles
 from windq.models.gguf_model import GGUFModel
 from windq.pipeline import kl_fit
@@ -91,8 +92,12 @@ def test_the_fitted_kl_at_the_probe_is_the_real_kl_the_tensor_causes_alone(synth
     again = kl_fit.load_or_fit(model, stats, tables, im.data)
     for name, t in again.tensors.items():
         np.testing.assert_array_equal(t.kl_fit, fitted.tensors[name].kl_fit)
-    cached = json.loads(next(stats.glob("kl-fit-*.json")).read_text())
+    path = next(stats.glob("kl-fit-*.json"))
+    cached = json.loads(path.read_text())
     assert cached["tokens"] == 256 and set(cached["tensors"]) == set(tables.tensors)
+    path.write_text(json.dumps({"tensors": {"x": {"probe": "Q4_0"}}}))  # a folder handed over with a broken cache
+    with pytest.raises(CalibrationError, match="not a kl-fit cache"):
+        kl_fit.load_or_fit(model, stats, tables, im.data)
 
 
 def test_a_plan_with_the_fitted_objective_minimises_it(synthetic_gguf, stats):
