@@ -46,6 +46,7 @@ def summarize(rows: list[dict]) -> dict:
 @click.option("--sum-alone", is_flag=True, help="Also measure every tensor of each optimum alone at its planned type and sum them (one forward pass per tensor).")
 @click.option("--seed", default=0, show_default=True)
 def main(model, stats, align, tensors, tokens, budgets, sum_alone, seed) -> None:
+    from windq import registry
     from windq.errors import BudgetError
     from windq.keys import CalibrationFiles
     from windq.models.gguf_model import GGUFModel
@@ -68,7 +69,7 @@ def main(model, stats, align, tensors, tokens, budgets, sum_alone, seed) -> None
     pairs, rows = [], []
     for i in sorted(np.random.default_rng(seed).choice(len(units), min(tensors, len(units)), replace=False)):
         u = units[i]
-        bpw = u.nbytes * 8 / m.tensors[u.tensor].n_elements
+        bpw = registry.bits_per_weight(u.nbytes, m.tensors[u.tensor].n_elements)
         for target in (2.1, 3.4, 4.5):
             k = int(np.argmin(np.abs(bpw - target)))
             pairs.append((u.tensor, u.types[k]))

@@ -36,6 +36,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from windq import registry
 from windq.errors import CalibrationError, InputError
 from windq.files import atomic_output
 from windq.models.gguf_model import GGUFModel
@@ -62,12 +63,10 @@ class TensorFit:
 def probe_type(table: TensorTable, source: str) -> str | None:
     """The legal type nearest PROBE_BPW bits per weight that is not the source type (copied: no
     error to measure) and has a non-zero predicted KL; ties go to the smaller type, then by name."""
-    if table.kl is None:
-        raise InputError(f"{table.name}: these tables hold no predicted KL to fit (no Fisher in the calibration)")
     n = int(np.prod(table.shape))
-    kl = table.kl.sum(axis=1)
+    kl = table.objective("kl").sum(axis=1)  # refuses tables without a predicted KL (no Fisher)
     options = [
-        (abs(8 * int(b) / n - PROBE_BPW), int(b), t)
+        (abs(registry.bits_per_weight(int(b), n) - PROBE_BPW), int(b), t)
         for t, b, k in zip(table.types, table.tensor_bytes(), kl)
         if t != source and k > 0
     ]
@@ -112,10 +111,8 @@ def apply(tables: Tables, fits: Mapping[str, TensorFit]) -> Tables:
     probe keeps its prediction)."""
     tensors = {}
     for n, t in tables.tensors.items():
-        if t.kl is None:
-            raise InputError(f"{n}: these tables hold no predicted KL to fit (no Fisher in the calibration)")
         scale = fits[n].scale if n in fits else 1.0
-        tensors[n] = dataclasses.replace(t, kl_fit=t.kl * scale)
+        tensors[n] = dataclasses.replace(t, kl_fit=t.objective("kl") * scale)
     return dataclasses.replace(tables, tensors=tensors)
 
 
