@@ -142,12 +142,14 @@ def run(
     seed: int = 0,
     threads: int | None = None,
     skip_unreachable: bool = False,
+    relinearize: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[FidelityResult]:
     """Fidelity of each objective at each budget (objective by objective), on `tokens` judge
     tokens; one judge serves them all, so its reference logits and quantized weights are made once.
     A budget below the smallest plan is refused (BudgetError) before anything is measured, or with
-    `skip_unreachable` left out of the results (each result names its budget)."""
+    `skip_unreachable` left out of the results (each result names its budget). `relinearize`:
+    how many more times kl-local is expanded, each around the last expansion's optimum."""
     from pathlib import Path
 
     from windq.keys import CalibrationFiles
@@ -166,7 +168,8 @@ def run(
 
         tables = kl_fit.load_or_fit(model, statsdir, tables, im.data, threads=threads, progress=bar("kl-fit"))
     allowed = allowed_types(model, tables, PlanConfig(bpw=0.0, exclude_source=exclude_source))
-    problems = {o: allocate.build_problem(model, tables, allowed=allowed, objective=o) for o in objectives}
+    # kl-local is the kl problem expanded around its optimum at each budget (kl_local.py)
+    problems = {o: allocate.build_problem(model, tables, allowed=allowed, objective="kl" if o == "kl-local" else o) for o in objectives}
     reachable = []
     for b in budgets:
         try:
@@ -179,9 +182,24 @@ def run(
         reachable.append(b)
     if not reachable:
         return []
-    judge = RealLoss(model, im.data, judge_sequences(load_judge_tokens(statsdir), tokens))
-    return [
-        measure(p, b, judge.kl_per_sequence, rivals=rivals, objective=o, seed=seed, tokens=judge.n_tokens, progress=bar(f"{o} {b:g} bits"))
-        for o, p in problems.items()
-        for b in reachable
-    ]
+    local = None
+    if "kl-local" in objectives:
+        import json
+
+        from windq.pipeline import kl_local
+        from windq.pipeline.calibrate import load_fisher, load_tokens
+
+        ctx = int(json.loads((statsdir / CalibrationFiles.META).read_text())["ctx"])
+        grad_judge = RealLoss(model, im.data, kl_local.gradient_tokens(load_tokens(statsdir)), threads=threads)
+        local = (grad_judge, tables, load_fisher(statsdir), ctx)
+    judge = RealLoss(model, im.data, judge_sequences(load_judge_tokens(statsdir), tokens), threads=threads,
+                     cache=local[0].cache if local else None)  # fmt: skip
+    out = []
+    for o, p in problems.items():
+        for b in reachable:
+            if o == "kl-local":
+                p_b = kl_local.problem_at(p, b, *local, relinearize=relinearize, progress=bar(f"kl-local {b:g} bits, expansion"))
+            else:
+                p_b = p
+            out.append(measure(p_b, b, judge.kl_per_sequence, rivals=rivals, objective=o, seed=seed, tokens=judge.n_tokens, progress=bar(f"{o} {b:g} bits")))
+    return out

@@ -77,12 +77,13 @@ class SpilledBytes:
 class RealLoss:
     def __init__(
         self, model: GGUFModel, imatrix: Mapping[str, np.ndarray] | None, tokens: np.ndarray, *, stream: bool = False,
-        threads: int | None = None,
+        threads: int | None = None, cache: SpilledBytes | None = None,
     ):
         """With `stream`, the model runs one module at a time (pipeline/streaming.py), each planned
         weight decoded from the plan's quantized bytes as its module runs: memory of one module's
         weights plus the quantized bytes cache, not the float32 model. `threads` quantize a plan's
-        new (tensor, type) pairs side by side (default: every core)."""
+        new (tensor, type) pairs side by side (default: every core). `cache`: another judge's quantized
+        bytes, of the same model and imatrix, to share rather than quantize again."""
         import torch
 
         self.model = model
@@ -90,7 +91,7 @@ class RealLoss:
         self.imatrix = dict(imatrix or {})
         self.tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64).reshape(-1, tokens.shape[-1]))
         self._batch = max(1, BATCH_TOKENS // self.tokens.shape[1])  # sequences a batch, fixed with the reference
-        self._bytes = SpilledBytes()
+        self._bytes = cache if cache is not None else SpilledBytes()
         self._types: dict[str, str] = {}  # the plan a streamed model runs (a tensor absent: its source)
         self._planned = {t.name for t in model.quantizable()}
         self._changed: set[str] = set()  # tensors whose torch weights a plan has overwritten
@@ -103,8 +104,13 @@ class RealLoss:
             self.sm = None
             self.tm = load_torch_model(model)
             self.params = tensor_params(model, self.tm)
-        self._process = weight_processor(model, self.tm)
+        self.processor = weight_processor(model, self.tm)  # GGUF tensor → torch layout (llama: Q and K rows permuted)
         self.ref_logp = [self._logp(batch) for batch in self._batches(None)]
+
+    @property
+    def cache(self) -> SpilledBytes:
+        """The quantized bytes of every (tensor, type) this judge has measured, to share with another."""
+        return self._bytes
 
     @property
     def n_tokens(self) -> int:
@@ -131,14 +137,14 @@ class RealLoss:
 
     def _streamed_weights(self, tensor: str) -> np.ndarray:
         if tensor in self._types:
-            return self._weights(tensor, self._types[tensor])
+            return self.weights(tensor, self._types[tensor])
         return self.sm.file_weights(tensor)
 
     def _copied(self, tensor: str, type_name: str) -> bool:
         """Planned at its source type: llama.cpp copies the file's bytes, so nothing is quantized."""
         return registry.get(type_name).id == self.model.tensors[tensor].type_id
 
-    def _weights(self, tensor: str, type_name: str | None) -> np.ndarray:
+    def weights(self, tensor: str, type_name: str | None) -> np.ndarray:
         """The torch weight of `tensor` planned as `type_name` (None: its source, as the file holds it)."""
         info = self.model.tensors[tensor]
         rows = info.n_elements // info.n_per_row
@@ -149,14 +155,14 @@ class RealLoss:
             if key not in self._bytes:
                 self._bytes.put(key, self._quantize(key))
             w = ggml.dequantize(registry.get(type_name).id, self._bytes.get(key), (rows, info.n_per_row))
-        return self._process.process(w, tensor).weights
+        return self.processor.process(w, tensor).weights
 
     def _quantize(self, key: tuple[str, str]) -> np.ndarray:
         tensor, type_name = key
         info = self.model.tensors[tensor]
         return ggml.quantize(registry.get(type_name).id, self.model.dequantized(tensor), self.imatrix.get(tensor), experts=info.n_mat)
 
-    def _quantize_new(self, types: Mapping[str, str]) -> None:
+    def prepare(self, types: Mapping[str, str]) -> None:
         """Quantize the (tensor, type) pairs of `types` not cached yet, on `threads` at once, largest
         first (ggml's quantizers release the GIL). Profiled, quantizing a plan's new pairs one after
         another took 126 of the 225 s a default `windq plan` spent verifying. Each thread holds one
@@ -187,7 +193,7 @@ class RealLoss:
                 raise KeyError(f"not planned: {sorted(unknown)[0]}")
             self._types.update(types)
             return self._kl_now(sequences)
-        self._quantize_new(types)
+        self.prepare(types)
         self._write(types)
         return self._kl_now(sequences)
 
@@ -197,7 +203,7 @@ class RealLoss:
         with torch.no_grad():
             for tensor, type_name in types.items():
                 slot = self.params[tensor]
-                slot.of(slot.param).copy_(torch.from_numpy(self._weights(tensor, type_name)).view(slot.shape))
+                slot.of(slot.param).copy_(torch.from_numpy(self.weights(tensor, type_name)).view(slot.shape))
         self._changed.update(types)
 
     def reset(self) -> None:
@@ -221,6 +227,36 @@ class RealLoss:
             if progress:
                 progress(i + 1, len(pairs))
         return out
+
+    def kl_gradient(self, types: Mapping[str, str]) -> dict[str, np.ndarray]:
+        """∂ KL(reference ‖ plan) / ∂ W for every planned tensor, at the plan `types` (a tensor absent:
+        its source), KL the mean per token over every judge token; each gradient in the torch
+        layout of `weights` (a tied head's share included in its embedding's). The judge is left
+        holding the plan. One backward pass a sequence, so memory holds one sequence's activations."""
+        import torch
+
+        if self.sm:
+            raise ValueError("the gradient of the real loss needs the whole torch model (not --stream)")
+        self.prepare(types)
+        self._write(types)
+        before = [(p, p.requires_grad) for p in self.tm.parameters()]
+        for p, _ in before:
+            p.requires_grad_(False)
+        for s in self.params.values():
+            s.param.requires_grad_(True)
+        n = self.n_tokens
+        try:
+            self.tm.zero_grad(set_to_none=True)
+            for batch, ref in zip(self._batches(None), self.ref_logp):
+                for k in range(len(batch)):
+                    r = ref[k].clone()  # out of inference mode, so autograd may keep it
+                    logp = torch.log_softmax(self.tm(batch[k : k + 1], use_cache=False).logits[0].float(), dim=-1)
+                    ((r.exp() * (r - logp)).sum() / n).backward()
+            return {t: s.of(s.param.grad).detach().reshape(s.shape).numpy().copy() for t, s in self.params.items()}
+        finally:
+            self.tm.zero_grad(set_to_none=True)
+            for p, was in before:
+                p.requires_grad_(was)
 
     def _kl_now(self, sequences: int | None = None) -> np.ndarray:
         import torch

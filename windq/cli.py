@@ -22,6 +22,8 @@ from windq.pipeline.planner import METHODS
 EPILOG_MODEL = "MODEL is a GGUF file, `default` (SmolLM2-135M-Instruct, embedded), or a hub repo id when online."
 TEXT_HELP = "`wiki` (embedded Wikipedia leads; the held-out split for eval), a UTF-8 text file, or hf:DATASET[:CONFIG] when online."
 OBJECTIVES = ("kl", "kl-fit", "proxy")  # what the planner minimises (pipeline/planner.py PlanConfig.objective)
+# and, judged by `windq fidelity` only: kl expanded around each budget's plan (pipeline/kl_local.py)
+FIDELITY_OBJECTIVES = OBJECTIVES + ("kl-local",)
 
 
 class _Group(click.Group):
@@ -285,7 +287,8 @@ def _echo_alignment(planned) -> None:
 @click.argument("model")
 @click.option("--stats", required=True, type=click.Path(file_okay=False), help="Folder from `windq calibrate` (its judge chunks are the held-in tokens measured on).")
 @click.option("--bpw", "budgets", required=True, help="Comma-separated bits-per-weight budgets, e.g. 4.6,5.0,5.5.")
-@click.option("--objective", "objectives", default="kl,proxy", show_default=True, help="Comma-separated objectives to judge (kl, kl-fit, proxy).")
+@click.option("--objective", "objectives", default="kl,proxy", show_default=True, help="Comma-separated objectives to judge (kl, kl-fit, proxy, kl-local: kl expanded around the budget's kl optimum with the real loss's gradient there, measured worse than kl, see the README).")
+@click.option("--relinearize", default=0, show_default=True, help="kl-local: expand this many more times, each around the last expansion's optimum.")
 @click.option("--rivals", default=10, show_default=True, help="Near-optimal rival plans per budget (the objective's optimum with each tensor's errors scaled by log-normal noise).")
 @click.option("--tokens", default=2048, show_default=True, help="Held-in judge tokens (sequences of 256) each plan's real KL is measured on.")
 @click.option("--exclude-source", is_flag=True, help="Plan without the source type, as for a model quantised from F16.")
@@ -293,7 +296,7 @@ def _echo_alignment(planned) -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of the rivals' noise.")
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def fidelity_cmd(model, stats, budgets, objectives, rivals, tokens, exclude_source, align, seed, threads, as_json) -> None:
+def fidelity_cmd(model, stats, budgets, objectives, relinearize, rivals, tokens, exclude_source, align, seed, threads, as_json) -> None:
     """Does the planner's objective rank plans as the real loss does?
 
     At each budget, the objective's optimum and RIVALS near-optimal plans of the same size are
@@ -316,8 +319,10 @@ def fidelity_cmd(model, stats, budgets, objectives, rivals, tokens, exclude_sour
         raise InputError(f"--bpw {budgets}: comma-separated numbers, e.g. 4.6,5.0") from None
     objs = [o.strip() for o in objectives.split(",")]
     for o in objs:
-        if o not in OBJECTIVES:
-            raise InputError(f"--objective {o}: use one of {', '.join(OBJECTIVES)}")
+        if o not in FIDELITY_OBJECTIVES:
+            raise InputError(f"--objective {o}: use one of {', '.join(FIDELITY_OBJECTIVES)}")
+    if relinearize < 0:
+        raise InputError(f"--relinearize {relinearize}: use 0 or more")
     if rivals < 2 or tokens < 256:
         raise InputError("--rivals must be at least 2 and --tokens at least 256")
     check_calibration_folder(stats)
@@ -330,7 +335,7 @@ def fidelity_cmd(model, stats, budgets, objectives, rivals, tokens, exclude_sour
         bars.setdefault(stage, _progress(stage, unit={"tables": "job"}.get(stage, "plan")))(done, total)
 
     rows = fidelity.run(src, stats, bpws, rivals=rivals, objectives=tuple(objs), exclude_source=exclude_source, tokens=tokens, seed=seed,
-                        threads=threads or None, progress=progress)  # fmt: skip
+                        threads=threads or None, relinearize=relinearize, progress=progress)  # fmt: skip
     if as_json:
         click.echo(json.dumps([{
             "bpw": r.bpw, "objective": r.objective, "spearman": r.spearman, "optimum_rank": r.optimum_rank, "plans": len(r.real),

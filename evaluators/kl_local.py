@@ -1,0 +1,63 @@
+"""Measurement: does the expansion around a plan (`kl-local`, pipeline/kl_local.py) predict the real
+loss on the very tokens its gradient was taken on?
+
+    python -m windq.evaluators.kl_local --stats STATS [--align 256] [--bpw 3.0] [--rivals 10]
+
+`windq fidelity --objective kl-local` judges the expansion on the judge's tokens; this asks the
+easier question, on the gradient's own calibration tokens, so a failure there is the expansion's,
+not the text's: the kl-local optimum and its rivals (as `windq fidelity` makes them) are measured
+by the real KL on the gradient tokens, and the knapsack's predicted change from the plan expanded
+around is set against the measured one. Q4_1-style source types are left out, as `--exclude-source`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+
+@click.command()
+@click.option("--model", default="default", show_default=True)
+@click.option("--stats", required=True, type=click.Path(file_okay=False), help="A `windq calibrate` folder of MODEL.")
+@click.option("--align", default="none", show_default=True, help="none, or WIDTH: measure the model aligned to WIDTH (`windq align`).")
+@click.option("--bpw", default=3.0, show_default=True, help="The budget.")
+@click.option("--rivals", default=10, show_default=True, help="Near-optimal rivals of the kl-local optimum (as `windq fidelity`).")
+def main(model, stats, align, bpw, rivals) -> None:
+    from windq.keys import CalibrationFiles
+    from windq.models.gguf_model import GGUFModel
+    from windq.models.sources import resolve_model
+    from windq.pipeline import allocate, fidelity, kl_local
+    from windq.pipeline.alignment import aligned_workspace
+    from windq.pipeline.calibrate import load_fisher, load_tokens
+    from windq.pipeline.imatrix import load_imatrix
+    from windq.pipeline.planner import PlanConfig, allowed_types, load_tables
+    from windq.pipeline.real_loss import RealLoss
+
+    m, stats = GGUFModel(resolve_model(model)), Path(stats)
+    if align != "none":
+        m, stats = aligned_workspace(m, stats, int(align))
+    im = load_imatrix(f"{stats}/{CalibrationFiles.IMATRIX}", m)
+    tables = load_tables(m, stats, im.data, im.sha256())
+    base = allocate.build_problem(m, tables, allowed=allowed_types(m, tables, PlanConfig(bpw=0.0, exclude_source=True)), objective="kl")
+    ctx = int(json.loads((stats / CalibrationFiles.META).read_text())["ctx"])
+    judge = RealLoss(m, im.data, kl_local.gradient_tokens(load_tokens(stats)))
+    local = kl_local.problem_at(base, bpw, judge, tables, load_fisher(stats), ctx)
+    at = allocate.tensor_types(base, allocate.knapsack(base, bpw))
+    at_choice = np.array([u.types.index(at[u.tensor]) for u in local.units])
+    at_kl = judge.kl(at)
+    plans = fidelity.rival_plans(local, bpw, rivals)
+    real = [judge.kl(allocate.tensor_types(local, c)) for c in plans]
+    change = [local.error_of(c) - local.error_of(at_choice) for c in plans]
+    click.echo(json.dumps({
+        "bpw": bpw, "gradient_tokens": judge.n_tokens, "expanded_at_real_kl": at_kl,
+        "spearman_in_sample": fidelity.spearman(change, real),
+        "optimum_predicted_change": change[0], "optimum_real_change": real[0] - at_kl,
+        "predicted_change": change, "real_change": [r - at_kl for r in real],
+    }, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
