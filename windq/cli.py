@@ -332,7 +332,7 @@ def fidelity_cmd(model, stats, budgets, objectives, relinearize, rivals, tokens,
     bars = {}
 
     def progress(stage, done, total):
-        bars.setdefault(stage, _progress(stage, unit={"tables": "job"}.get(stage, "plan")))(done, total)
+        bars.setdefault(stage, _progress(stage, unit="tensor" if stage.endswith("expansion") else {"tables": "job"}.get(stage, "plan")))(done, total)
 
     rows = fidelity.run(src, stats, bpws, rivals=rivals, objectives=tuple(objs), exclude_source=exclude_source, tokens=tokens, seed=seed,
                         threads=threads or None, relinearize=relinearize, progress=progress)  # fmt: skip
