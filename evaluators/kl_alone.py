@@ -36,6 +36,28 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
+def kl_problem(model: str, stats: str, align: str):
+    """The model (aligned to WIDTH unless `align` is none), its calibration folder, imatrix and
+    tables, and the predicted-KL problem with the source type excluded, as `--exclude-source`."""
+    from pathlib import Path
+
+    from windq.keys import CalibrationFiles
+    from windq.models.gguf_model import GGUFModel
+    from windq.models.sources import resolve_model
+    from windq.pipeline import allocate
+    from windq.pipeline.alignment import aligned_workspace
+    from windq.pipeline.imatrix import load_imatrix
+    from windq.pipeline.planner import PlanConfig, allowed_types, load_tables
+
+    m, stats = GGUFModel(resolve_model(model)), Path(stats)
+    if align != "none":
+        m, stats = aligned_workspace(m, stats, int(align))
+    im = load_imatrix(stats / CalibrationFiles.IMATRIX, m)
+    tables = load_tables(m, stats, im.data, im.sha256())
+    allowed = allowed_types(m, tables, PlanConfig(bpw=0.0, exclude_source=True))
+    return m, stats, im, tables, allocate.build_problem(m, tables, allowed=allowed, objective="kl")
+
+
 @click.command()
 @click.option("--model", default="default", show_default=True)
 @click.option("--stats", required=True, type=click.Path(file_okay=False), help="A `windq calibrate` folder of MODEL.")
@@ -48,22 +70,12 @@ def summarize(rows: list[dict]) -> dict:
 def main(model, stats, align, tensors, tokens, budgets, sum_alone, seed) -> None:
     from windq import registry
     from windq.errors import BudgetError
-    from windq.keys import CalibrationFiles
-    from windq.models.gguf_model import GGUFModel
-    from windq.models.sources import resolve_model
     from windq.pipeline import allocate
-    from windq.pipeline.alignment import aligned_workspace
     from windq.pipeline.calibrate import load_judge_tokens
-    from windq.pipeline.imatrix import load_imatrix
-    from windq.pipeline.planner import PlanConfig, allowed_types, judge_sequences, load_tables
+    from windq.pipeline.planner import judge_sequences
     from windq.pipeline.real_loss import RealLoss
 
-    m = GGUFModel(resolve_model(model))
-    if align != "none":
-        m, stats = aligned_workspace(m, stats, int(align))
-    im = load_imatrix(f"{stats}/{CalibrationFiles.IMATRIX}", m)
-    tables = load_tables(m, stats, im.data, im.sha256())
-    p = allocate.build_problem(m, tables, allowed=allowed_types(m, tables, PlanConfig(bpw=0.0, exclude_source=True)), objective="kl")
+    m, stats, im, tables, p = kl_problem(model, stats, align)
     judge = RealLoss(m, im.data, judge_sequences(load_judge_tokens(stats), tokens))
     units = list(p.units)
     pairs, rows = [], []

@@ -14,7 +14,6 @@ expanded around, the expansion's prediction and the tables' beside the measured 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 import numpy as np
@@ -44,22 +43,13 @@ def summarize_moves(moves: list[dict]) -> dict:
 @click.option("--rivals", default=10, show_default=True, help="Near-optimal rivals of the kl-local optimum (as `windq fidelity`).")
 @click.option("--moves", default=0, show_default=True, help="Also move this many sampled tensors (seeded) alone, one type down and one up from the plan expanded around, and set the expansion's and the tables' predicted change against the measured one.")
 def main(model, stats, align, bpw, rivals, moves) -> None:
+    from windq.evaluators.kl_alone import kl_problem
     from windq.keys import CalibrationFiles
-    from windq.models.gguf_model import GGUFModel
-    from windq.models.sources import resolve_model
     from windq.pipeline import allocate, fidelity, kl_local
-    from windq.pipeline.alignment import aligned_workspace
     from windq.pipeline.calibrate import load_fisher, load_tokens
-    from windq.pipeline.imatrix import load_imatrix
-    from windq.pipeline.planner import PlanConfig, allowed_types, load_tables
     from windq.pipeline.real_loss import RealLoss
 
-    m, stats = GGUFModel(resolve_model(model)), Path(stats)
-    if align != "none":
-        m, stats = aligned_workspace(m, stats, int(align))
-    im = load_imatrix(f"{stats}/{CalibrationFiles.IMATRIX}", m)
-    tables = load_tables(m, stats, im.data, im.sha256())
-    base = allocate.build_problem(m, tables, allowed=allowed_types(m, tables, PlanConfig(bpw=0.0, exclude_source=True)), objective="kl")
+    m, stats, im, tables, base = kl_problem(model, stats, align)
     ctx = int(json.loads((stats / CalibrationFiles.META).read_text())["ctx"])
     judge = RealLoss(m, im.data, kl_local.gradient_tokens(load_tokens(stats)))
     local = kl_local.problem_at(base, bpw, judge, tables, load_fisher(stats), ctx)
