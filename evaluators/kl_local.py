@@ -8,7 +8,9 @@ easier question, on the gradient's own calibration tokens, so a failure there is
 not the text's: the kl-local optimum and its rivals (as `windq fidelity` makes them) are measured
 by the real KL on the gradient tokens, and the knapsack's predicted change from the plan expanded
 around is set against the measured one. With --moves, single tensors moved one type from the plan
-expanded around, the expansion's prediction and the tables' beside the measured change. Q4_1-style source types are left out, as `--exclude-source`.
+expanded around, the expansion's prediction and the tables' beside the measured change; with
+--judge-tokens, the same moves measured on the judge's tokens too, against both predictions and
+against the change measured on the calibration tokens (`real`). Q4_1-style source types are left out, as `--exclude-source`.
 """
 
 from __future__ import annotations
@@ -42,11 +44,13 @@ def summarize_moves(moves: list[dict]) -> dict:
 @click.option("--bpw", default=3.0, show_default=True, help="The budget.")
 @click.option("--rivals", default=10, show_default=True, help="Near-optimal rivals of the kl-local optimum (as `windq fidelity`).")
 @click.option("--moves", default=0, show_default=True, help="Also move this many sampled tensors (seeded) alone, one type down and one up from the plan expanded around, and set the expansion's and the tables' predicted change against the measured one.")
-def main(model, stats, align, bpw, rivals, moves) -> None:
+@click.option("--judge-tokens", default=0, show_default=True, help="Also measure the moves on this many of the judge's tokens (held-in, never calibrated on): does what the expansion predicts on the calibration text hold on other text?")
+def main(model, stats, align, bpw, rivals, moves, judge_tokens) -> None:
     from windq.evaluators.kl_alone import kl_problem
     from windq.keys import CalibrationFiles
     from windq.pipeline import allocate, fidelity, kl_local
-    from windq.pipeline.calibrate import load_fisher, load_tokens
+    from windq.pipeline.calibrate import load_fisher, load_judge_tokens, load_tokens
+    from windq.pipeline.planner import judge_sequences
     from windq.pipeline.real_loss import RealLoss
 
     m, stats, im, tables, base = kl_problem(model, stats, align)
@@ -69,6 +73,16 @@ def main(model, stats, align, bpw, rivals, moves) -> None:
                     "kl_local": float(local.units[i].error[j] - local.units[i].error[k]), "kl": float(u.error[j] - u.error[k]),
                 })  # fmt: skip
     moved = summarize_moves(single) if single else {}
+    if single and judge_tokens:
+        other = RealLoss(m, im.data, judge_sequences(load_judge_tokens(stats), judge_tokens), cache=judge.cache)
+        other_at = other.kl(at)
+        for mv in single:
+            mv["real_judge"] = other.kl({**at, mv["tensor"]: mv["to"]}) - other_at
+        moved["judge_tokens"] = other.n_tokens
+        moved.update({
+            f"spearman_{o}_on_judge": fidelity.spearman([mv[o] for mv in single], [mv["real_judge"] for mv in single])
+            for o in ("kl_local", "kl", "real")
+        })  # fmt: skip
     click.echo(json.dumps({
         "bpw": bpw, "gradient_tokens": judge.n_tokens, "expanded_at_real_kl": at_kl,
         "spearman_in_sample": fidelity.spearman(change, real),
