@@ -27,7 +27,6 @@ budget, and can be expanded again around its own optimum (`relinearize`).
 from __future__ import annotations
 
 import dataclasses
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Mapping
 
@@ -89,7 +88,7 @@ def expand(
 
     names = sorted(tables.tensors, key=lambda n: -int(np.prod(tables.tensors[n].shape)))
     out = {}
-    with ThreadPoolExecutor(max_workers=grad_judge.threads or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=grad_judge.threads) as pool:
         for i, (name, r) in enumerate(zip(names, pool.map(rows, names)), 1):
             out[name] = r
             if progress:
