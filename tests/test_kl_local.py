@@ -115,3 +115,18 @@ def test_fidelity_judges_kl_local_per_budget(synthetic_gguf, synthetic_stats):
     assert (kl.objective, local.objective) == ("kl", "kl-local")
     assert len(local.real) == 4 and local.bits.max() <= 3.5 + 1e-9
     assert local.predicted[0] == local.predicted.min()  # the expansion's own optimum comes first
+
+
+def test_relinearizing_expands_again_around_the_last_optimum(expansion, synthetic_stats):
+    model, tables, judge, base, at, rows = expansion
+    fisher = load_fisher(synthetic_stats)
+    ctx = int(json.loads((synthetic_stats / CalibrationFiles.META).read_text())["ctx"])
+    first = kl_local.problem_at(base, 3.5, judge, tables, fisher, ctx)
+    assert [u.error.tolist() for u in first.units] == [u.error.tolist() for u in kl_local.local_problem(base, tables, rows).units]
+    moved = allocate.tensor_types(first, allocate.knapsack(first, 3.5))
+    assert moved != at  # the first expansion's optimum is another plan, so the second expansion differs
+    again = kl_local.problem_at(base, 3.5, judge, tables, fisher, ctx, relinearize=1)
+    expected = kl_local.local_problem(base, tables, kl_local.expand(judge, tables, fisher, ctx, moved))
+    for u, v in zip(again.units, expected.units):
+        np.testing.assert_allclose(u.error, v.error, rtol=1e-6, atol=1e-12)
+    assert any(not np.allclose(u.error, v.error) for u, v in zip(again.units, first.units))
