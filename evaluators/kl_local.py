@@ -47,16 +47,14 @@ def summarize_moves(moves: list[dict]) -> dict:
 @click.option("--judge-tokens", default=0, show_default=True, help="Also measure the moves on this many of the judge's tokens (held-in, never calibrated on): does what the expansion predicts on the calibration text hold on other text?")
 def main(model, stats, align, bpw, rivals, moves, judge_tokens) -> None:
     from windq.evaluators.kl_alone import kl_problem
-    from windq.keys import CalibrationFiles
     from windq.pipeline import allocate, fidelity, kl_local
-    from windq.pipeline.calibrate import load_fisher, load_judge_tokens, load_tokens
+    from windq.pipeline.calibrate import load_fisher, load_judge_tokens, load_tokens, tokens_per_sequence
     from windq.pipeline.planner import judge_sequences
     from windq.pipeline.real_loss import RealLoss
 
     m, stats, im, tables, base = kl_problem(model, stats, align)
-    ctx = int(json.loads((stats / CalibrationFiles.META).read_text())["ctx"])
     judge = RealLoss(m, im.data, kl_local.gradient_tokens(load_tokens(stats)))
-    local = kl_local.problem_at(base, bpw, judge, tables, load_fisher(stats), ctx)
+    local = kl_local.problem_at(base, bpw, judge, tables, load_fisher(stats), tokens_per_sequence(stats))
     at = allocate.tensor_types(base, allocate.knapsack(base, bpw))
     at_choice = np.array([u.types.index(at[u.tensor]) for u in local.units])
     at_kl = judge.kl(at)

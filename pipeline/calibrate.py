@@ -777,6 +777,11 @@ def load_fisher(statsdir: str | Path) -> dict[str, FisherStats]:
     return {t: FisherStats(rows=p["rows"], cols=p["cols"]) for t, p in parts.items()}
 
 
+def tokens_per_sequence(statsdir: str | Path) -> int:
+    """The calibration's chunk length (ctx): the Fisher is per sequence of this many tokens."""
+    return int(json.loads((Path(statsdir) / CalibrationFiles.META).read_text())["ctx"])
+
+
 def load_judge_tokens(statsdir: str | Path) -> np.ndarray:
     """Held-in chunks the imatrix was not computed from: where plans' real KL is measured."""
     path = Path(statsdir) / CalibrationFiles.JUDGE_TOKENS

@@ -184,14 +184,11 @@ def run(
         return []
     local = None
     if "kl-local" in objectives:
-        import json
-
         from windq.pipeline import kl_local
-        from windq.pipeline.calibrate import load_fisher, load_tokens
+        from windq.pipeline.calibrate import load_fisher, load_tokens, tokens_per_sequence
 
-        ctx = int(json.loads((statsdir / CalibrationFiles.META).read_text())["ctx"])
         grad_judge = RealLoss(model, im.data, kl_local.gradient_tokens(load_tokens(statsdir)), threads=threads)
-        local = (grad_judge, tables, load_fisher(statsdir), ctx)
+        local = (grad_judge, tables, load_fisher(statsdir), tokens_per_sequence(statsdir))
     judge = RealLoss(model, im.data, judge_sequences(load_judge_tokens(statsdir), tokens), threads=threads,
                      cache=local[0].cache if local else None)  # fmt: skip
     out = []

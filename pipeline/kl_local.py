@@ -42,7 +42,7 @@ import numpy as np
 
 from windq.errors import InputError
 from windq.pipeline import allocate
-from windq.pipeline.sensitivity import Tables
+from windq.pipeline.sensitivity import Tables, fisher_column_scale
 
 if TYPE_CHECKING:
     from windq.pipeline.calibrate import FisherStats
@@ -86,8 +86,7 @@ def expand(
         g = g.reshape(-1, g.shape[-1])  # rows as the Fisher's marginals count them (calibrate.py)
         w0 = grad_judge.weights(name, at[name]).reshape(g.shape)
         r = f.rows[hf_row_order(grad_judge.processor, name, len(f.rows))].astype(np.float64)  # GGUF row order → torch's
-        # ½ Σ r_i c_j d_ij² / Σr per sequence, ÷ T per token: the tables' Fisher term, of the change
-        c = f.cols.astype(np.float64) / (2.0 * max(float(f.rows.sum()), 1e-30) * tokens_per_sequence)
+        c = fisher_column_scale(f, tokens_per_sequence)  # the tables' Fisher term, of the change
         out = []
         for ty in t.types:
             d = grad_judge.weights(name, ty).reshape(g.shape) - w0

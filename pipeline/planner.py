@@ -14,7 +14,7 @@ from windq.errors import BudgetError, CalibrationError, InputError, UnsupportedM
 from windq.models.gguf_model import GGUFModel
 from windq.pipeline import allocate
 from windq.keys import CalibrationFiles
-from windq.pipeline.calibrate import fisher_sha256 as calibrate_fisher_sha256, load_activation_stats, load_fisher, load_judge_tokens
+from windq.pipeline.calibrate import fisher_sha256 as calibrate_fisher_sha256, load_activation_stats, load_fisher, load_judge_tokens, tokens_per_sequence
 from windq.pipeline.imatrix import load_imatrix
 from windq.plan import Plan, make_plan
 from windq.pipeline.sensitivity import Tables, load_or_compute
@@ -191,10 +191,9 @@ def load_tables(
     path = tables_path(model, statsdir, imatrix_sha256, group, fisher_sha, sample_rows)
     if path.is_file():
         return Tables.load(path)
-    meta = json.loads((statsdir / CalibrationFiles.META).read_text())
     return load_or_compute(
         model, imatrix, statsdir, group=group, imatrix_sha256=imatrix_sha256, threads=threads, progress=progress,
-        fisher=load_fisher(statsdir), tokens_per_sequence=int(meta["ctx"]), fisher_sha256=fisher_sha, sample_rows=sample_rows,
+        fisher=load_fisher(statsdir), tokens_per_sequence=tokens_per_sequence(statsdir), fisher_sha256=fisher_sha, sample_rows=sample_rows,
     )  # fmt: skip
 
 

@@ -282,12 +282,16 @@ def compute_tables(
         nbytes = np.stack([_chunk_bytes(registry.get(ty).nbytes(t.shape), cols) for ty in types])
         kl = None
         if fisher is not None:
-            f = fisher[t.name]
-            # ½ Σ r_i c_j d_ij² / Σr per sequence, ÷ T for a per-token KL
-            scale = f.cols.astype(np.float64) / (2.0 * max(float(f.rows.sum()), 1e-30) * tokens_per_sequence)
+            scale = fisher_column_scale(fisher[t.name], tokens_per_sequence)
             kl = np.stack([np.add.reduceat(kl_cols[t.name][ty] * scale, starts) for ty in types])
         out[t.name] = TensorTable(t.name, t.shape, types, cols, error, nbytes, kl)
     return Tables(group, model.sha256, imatrix_sha256, out)
+
+
+def fisher_column_scale(f: "FisherStats", tokens_per_sequence: int) -> np.ndarray:
+    """[n_per_row]: c_j ÷ (2 Σr T), so that Σ_i r_i d_ij² times it, summed over j, is the Fisher's
+    second-order KL of the perturbation d (½ Σ r_i c_j d_ij² / Σr per sequence), per token."""
+    return f.cols.astype(np.float64) / (2.0 * max(float(f.rows.sum()), 1e-30) * tokens_per_sequence)
 
 
 def sample_row_indices(w: np.ndarray, importance: np.ndarray, row_weight: np.ndarray | None, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,6 @@ for the second-order part, and the knapsack over the expansion."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from windq.errors import InputError
 from windq.keys import CalibrationFiles
 from windq.models.gguf_model import GGUFModel
 from windq.pipeline import allocate, fidelity, kl_local
-from windq.pipeline.calibrate import load_fisher, load_tokens
+from windq.pipeline.calibrate import load_fisher, load_tokens, tokens_per_sequence
 from windq.pipeline.imatrix import load_imatrix
 from windq.pipeline.planner import load_tables
 from windq.pipeline.real_loss import RealLoss
@@ -54,24 +53,22 @@ def expansion(synthetic_gguf, synthetic_stats):
     model = GGUFModel(synthetic_gguf)
     im = load_imatrix(synthetic_stats / CalibrationFiles.IMATRIX, model)
     tables = load_tables(model, synthetic_stats, im.data, im.sha256())
-    ctx = int(json.loads((synthetic_stats / CalibrationFiles.META).read_text())["ctx"])
+    fisher, ctx = load_fisher(synthetic_stats), tokens_per_sequence(synthetic_stats)
     judge = RealLoss(model, im.data, kl_local.gradient_tokens(load_tokens(synthetic_stats)))
     base = allocate.build_problem(model, tables, objective="kl")
     at = allocate.tensor_types(base, allocate.knapsack(base, 3.5))
-    rows = kl_local.expand(judge, tables, load_fisher(synthetic_stats), ctx, at)
-    return model, tables, judge, base, at, rows
+    rows = kl_local.expand(judge, tables, fisher, ctx, at)
+    return model, tables, judge, base, at, rows, fisher, ctx
 
 
-def test_the_expansion_is_the_tables_change_plus_the_real_gradients_departure_from_theirs(expansion, synthetic_stats):
+def test_the_expansion_is_the_tables_change_plus_the_real_gradients_departure_from_theirs(expansion):
     """Algebra the expansion must satisfy, tensor by tensor: with F the tables' rank-one diagonal
     Fisher and Δ⁰ the error at the plan expanded around, moving a tensor by d changes the predicted
     KL by g·d + ½ d F d, and the tables' own change is ½ (Δ⁰+d) F (Δ⁰+d) − ½ Δ⁰ F Δ⁰; the two differ
     by exactly (g − F Δ⁰)·d, the real gradient's departure from the one the tables imply. So the
     Fisher's rows meet the torch rows they belong to (llama's Q and K are permuted), in the tables'
     units, and the expansion is 0 at its own plan."""
-    model, tables, judge, base, at, rows = expansion
-    fisher = load_fisher(synthetic_stats)
-    ctx = int(json.loads((synthetic_stats / CalibrationFiles.META).read_text())["ctx"])
+    model, tables, judge, base, at, rows, fisher, ctx = expansion
     grads = judge.kl_gradient(at)
     from windq.pipeline.calibrate import hf_row_order
 
@@ -97,7 +94,7 @@ def test_the_expansion_is_the_tables_change_plus_the_real_gradients_departure_fr
 def test_the_local_problem_orders_plans_by_the_expansion(expansion):
     """Any plan's error in the local problem less the expanded plan's is the sum of its tensors'
     predicted changes: the per-unit shift is a constant."""
-    model, tables, judge, base, at, rows = expansion
+    model, tables, judge, base, at, rows, fisher, ctx = expansion
     p = kl_local.local_problem(base, tables, rows)
     at_choice = np.array([u.types.index(at[u.tensor]) for u in p.units])
     rng = np.random.default_rng(0)
@@ -119,10 +116,8 @@ def test_fidelity_judges_kl_local_per_budget(synthetic_gguf, synthetic_stats):
     assert local.predicted[0] == local.predicted.min()  # the expansion's own optimum comes first
 
 
-def test_relinearizing_expands_again_around_the_last_optimum(expansion, synthetic_stats):
-    model, tables, judge, base, at, rows = expansion
-    fisher = load_fisher(synthetic_stats)
-    ctx = int(json.loads((synthetic_stats / CalibrationFiles.META).read_text())["ctx"])
+def test_relinearizing_expands_again_around_the_last_optimum(expansion):
+    model, tables, judge, base, at, rows, fisher, ctx = expansion
     first = kl_local.local_problem(base, tables, rows)  # problem_at without relinearizing
     moved = allocate.tensor_types(first, allocate.knapsack(first, 3.5))
     assert moved != at  # the first expansion's optimum is another plan, so the second expansion differs
